@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random SDAR configs and the shared reference data directory."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+# 8 CPU devices for the sharding tests; must be set before JAX initialises its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from dirl_jax.model import SDARConfig, SDARForCausalLM
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("DIRL_SHARED_DIR", REPO.parent / "shared"))
+
+
+def tiny_config(*, heads: int = 4, kv_heads: int = 2, head_dim: int = 8, hidden: int = 24,
+                layers: int = 2, vocab: int = 61, block_size: int = 4, tied: bool = False,
+                **kw) -> SDARConfig:
+    """A random-sized SDAR config small enough for CPU tests (head_dim need not be hidden/heads)."""
+    return SDARConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 4,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+                      mask_token_id=vocab - 1, rope_theta=10_000.0, tie_word_embeddings=tied,
+                      eos_token_id=vocab - 2, pad_token_id=vocab - 3, bos_token_id=vocab - 2, **kw)
+
+
+def random_model(config: SDARConfig, seed: int, **kw) -> SDARForCausalLM:
+    """A model whose norm scales are random too (so a dropped norm cannot go unnoticed)."""
+    model = SDARForCausalLM(config, rngs=nnx.Rngs(seed), **kw)
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[-2].endswith("norm"):
+            var.set_value((1.0 + 0.3 * rng.standard_normal(var.shape)).astype(var.dtype))
+    return model
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test run, printed on failure for reproduction."""
+    value = int(os.environ.get("DIRL_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
+    request.node.user_properties.append(("seed", value))
+    print(f"seed={value}")
+    return value
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"shared reference data not found at {SHARED} (set DIRL_SHARED_DIR)")
+    return SHARED
