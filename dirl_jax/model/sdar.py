@@ -192,12 +192,15 @@ class SDARForCausalLM(nnx.Module):
             x = run_layer(layer, x, rope, canvas, attention_mask, attn_impl)
         return self.model.norm(x)
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def output_embedding(self) -> jax.Array:
+        """The ``[vocab, hidden]`` matrix that maps hidden states to logits."""
         if self.config.tie_word_embeddings:
-            weight = self.model.embed_tokens.weight[...]
-        else:
-            weight = self.lm_head.weight[...]
-        return jnp.einsum("...e,ve->...v", hidden.astype(self.dtype), weight.astype(self.dtype))
+            return self.model.embed_tokens.weight[...]
+        return self.lm_head.weight[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return jnp.einsum("...e,ve->...v", hidden.astype(self.dtype),
+                          self.output_embedding().astype(self.dtype))
 
 
 def _run_layer(layer: DecoderLayer, x: jax.Array, rope: tuple[jax.Array, jax.Array],

@@ -1,0 +1,54 @@
+"""Orbax checkpoints of a training run: train state, data-iterator position and metadata.
+
+Orbax writes each step to a temporary directory and commits it atomically, so a crash during
+a save leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves every ``every_steps`` steps (asynchronously) and keeps the last ``keep``."""
+
+    def __init__(self, directory: str | os.PathLike, *, every_steps: int, keep: int):
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.fspath(directory)),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps,
+                                                 enable_async_checkpointing=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any], *,
+             force: bool = False) -> bool:
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data_iter=grain.checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores ``step`` into arrays shaped (and sharded) like ``abstract_state``; moves
+        ``data_iterator`` to the saved position."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data_iter=grain.checkpoint.CheckpointRestore(data_iterator),
+            meta=ocp.args.JsonRestore()))
+        return restored.state, restored.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a tree of arrays, for restoring into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

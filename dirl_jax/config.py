@@ -1,0 +1,81 @@
+"""Run configuration: ml_collections defaults and validation (errors name the field)."""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+SCHEDULES = ("cosine", "constant")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigValueError(ValueError):
+    """A run configuration field is missing, malformed or inconsistent."""
+
+
+def sft_defaults() -> ConfigDict:
+    """Every field of an SFT run, with defaults; configs/*.py start from here."""
+    config = ConfigDict()
+    config.task = "sft"
+    config.run_dir = "runs/sft"
+    config.seed = 0
+    config.init_from = ""                 # HF directory (or hub id); empty: random init from `model`
+    config.tokenizer = ""                 # tokenizer dir / hub id; "builtin:toy"; empty: init_from's
+    config.model = ConfigDict(dict(       # used when init_from is empty
+        vocab_size=0,                     # 0: the tokenizer's size
+        hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, block_size=4, rope_theta=10000.0,
+        tie_word_embeddings=False, remat=False))
+    config.data = ConfigDict(dict(
+        source="builtin:arithmetic",      # .jsonl/.json/.parquet file, HF datasets name, or builtin:arithmetic
+        split="train", max_length=128, overlong="drop", packing_bins=8,
+        builtin_train_size=20000, builtin_eval_size=500))
+    config.diffusion = ConfigDict(dict(block_size=4, eps=1e-3, loss_chunk=1024))
+    config.train = ConfigDict(dict(
+        num_steps=1000, global_batch=16, grad_accum=1, learning_rate=1e-3, warmup_steps=100,
+        schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, decay_norms=False, b1=0.9,
+        b2=0.999, adam_eps=1e-8, max_grad_norm=1.0, compute_dtype="float32",
+        param_dtype="float32", log_every=10))
+    config.checkpoint = ConfigDict(dict(every_steps=500, keep=2))
+    config.eval = ConfigDict(dict(num_examples=200, max_new_tokens=32, batch_size=100,
+                                  strategy="low_confidence_static", steps=0, threshold=0.9))
+    config.export = ConfigDict(dict(enabled=True, dtype="bfloat16"))
+    return config
+
+
+def validate(config: ConfigDict) -> None:
+    """Raises ConfigValueError naming the first inconsistent field."""
+
+    def check(ok: bool, field: str, message: str) -> None:
+        if not ok:
+            raise ConfigValueError(f"config.{field}: {message}")
+
+    t = config.train
+    check(config.task == "sft", "task", f"must be 'sft', got {config.task!r}")
+    check(bool(config.run_dir), "run_dir", "must be set")
+    check(t.num_steps > 0, "train.num_steps", f"must be positive, got {t.num_steps}")
+    check(t.grad_accum > 0, "train.grad_accum", f"must be positive, got {t.grad_accum}")
+    check(t.global_batch % t.grad_accum == 0, "train.global_batch",
+          f"({t.global_batch}) must be divisible by train.grad_accum ({t.grad_accum})")
+    check(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
+    check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    for field in ("compute_dtype", "param_dtype"):
+        check(t[field] in DTYPES, f"train.{field}", f"must be one of {DTYPES}, got {t[field]!r}")
+    check(config.data.overlong in ("drop", "truncate"), "data.overlong",
+          f"must be 'drop' or 'truncate', got {config.data.overlong!r}")
+    block = config.diffusion.block_size
+    check(config.data.max_length % block == 0, "data.max_length",
+          f"({config.data.max_length}) must be a multiple of diffusion.block_size ({block})")
+    if not config.init_from:
+        check(config.model.block_size == block, "model.block_size",
+              f"({config.model.block_size}) must equal diffusion.block_size ({block})")
+        check(bool(config.tokenizer), "tokenizer", "must be set when init_from is empty")
+    check(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
+    check(config.checkpoint.keep > 0, "checkpoint.keep", "must be positive")
+
+
+def check_model_block_size(config: ConfigDict, model_block_size: int) -> None:
+    """The model's own block size (used by its attention mask) must match the training one."""
+    if model_block_size != config.diffusion.block_size:
+        raise ConfigValueError(
+            f"config.diffusion.block_size ({config.diffusion.block_size}) differs from the model's "
+            f"block_size ({model_block_size}) in {config.init_from}/config.json")

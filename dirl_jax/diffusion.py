@@ -1,0 +1,117 @@
+"""Blockwise masked diffusion: SFT noising and the 1/p-weighted cross-entropy (DIRL_SPEC §1.3-§1.5).
+
+The cross-entropy never materialises ``tokens x vocab`` logits: hidden states are scored against
+the output embedding ``chunk`` tokens at a time inside a rematerialised scan, so forward and
+backward memory is O(chunk x vocab). Masked positions are moved to the front first, and chunks
+holding no masked token are skipped.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dirl_jax import canvas as canvas_lib
+from dirl_jax.data.sft import IGNORE
+
+
+class Noised(NamedTuple):
+    noisy_tokens: jax.Array  # [B, L] with mask_token_id at masked positions
+    masked: jax.Array        # bool [B, L]
+    p: jax.Array             # [B, L] masking probability of each token's segment
+
+
+def noise_batch(key: jax.Array, tokens: jax.Array, labels: jax.Array, segment_ids: jax.Array, *,
+                mask_token_id: int, eps: float = 1e-3, max_tries: int = 10) -> Noised:
+    """DiRL's ``forward_add_noise_packed``, vectorised over rows and tries.
+
+    Per row and try, each segment draws ``t ~ U(0,1)``, ``p = (1-eps) t + eps``, and every
+    supervised token (label != -100) of the segment is masked with probability ``p``. A row takes
+    its first try that masks at least one token; if none of the ``max_tries`` does, one supervised
+    token chosen uniformly is masked, with ``p`` of the last try. Rows without supervised tokens
+    stay clean.
+    """
+    batch, length = tokens.shape
+    eligible = labels != IGNORE
+    k_t, k_u, k_force = jax.random.split(key, 3)
+    t = jax.random.uniform(k_t, (max_tries, batch, length))  # one t per (try, row, segment id)
+    segment = jnp.broadcast_to(jnp.clip(segment_ids, 0, length - 1), t.shape)
+    p_tries = (1.0 - eps) * jnp.take_along_axis(t, segment, axis=-1) + eps
+    mask_tries = (jax.random.uniform(k_u, t.shape) < p_tries) & eligible
+    hit = mask_tries.any(axis=-1)                      # [tries, B]
+    found = hit.any(axis=0)                            # [B]
+    first = jnp.where(found, jnp.argmax(hit, axis=0), max_tries - 1)
+    rows = jnp.arange(batch)
+    masked, p = mask_tries[first, rows], p_tries[first, rows]
+    scores = jnp.where(eligible, jax.random.uniform(k_force, (batch, length)), -1.0)
+    forced = (jnp.arange(length) == jnp.argmax(scores, axis=-1)[:, None]) & eligible
+    masked = jnp.where(found[:, None], masked, forced)
+    return Noised(jnp.where(masked, mask_token_id, tokens), masked, p)
+
+
+def chunked_weighted_cross_entropy(hidden: jax.Array, output_embedding: jax.Array,
+                                   targets: jax.Array, weights: jax.Array, *,
+                                   chunk: int) -> jax.Array:
+    """``sum_i weights_i * CE(hidden_i @ output_embedding.T, targets_i)`` in fp32.
+
+    ``hidden [N, E]``, ``output_embedding [V, E]``, ``targets, weights [N]``. Tokens with zero
+    weight are moved to the back and chunks of only zero weights are skipped; each chunk's
+    logits are recomputed in the backward pass (``jax.checkpoint``).
+    """
+    n, dim = hidden.shape
+    order = jnp.argsort(weights == 0, stable=True)
+    hidden, targets, weights = hidden[order], targets[order], weights[order]
+    pad = (-n) % chunk
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+    targets = jnp.pad(targets, (0, pad))
+    weights = jnp.pad(weights, (0, pad)).astype(jnp.float32)
+    num_chunks = (n + pad) // chunk
+
+    @jax.checkpoint
+    def chunk_loss(h: jax.Array, y: jax.Array, w: jax.Array) -> jax.Array:
+        logits = jnp.einsum("ne,ve->nv", h, output_embedding.astype(h.dtype),
+                            preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        return jnp.sum(w * (lse - target_logit))
+
+    def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+        h, y, w = xs
+        loss = jax.lax.cond(jnp.any(w != 0), chunk_loss, lambda *_: jnp.zeros((), jnp.float32),
+                            h, y, w)
+        return total + loss, None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                            (hidden.reshape(num_chunks, chunk, dim),
+                             targets.reshape(num_chunks, chunk),
+                             weights.reshape(num_chunks, chunk)))
+    return total
+
+
+class LossParts(NamedTuple):
+    weighted_ce_sum: jax.Array  # sum over masked tokens of CE / p
+    num_supervised: jax.Array   # tokens with label != -100 (the loss denominator)
+    num_masked: jax.Array
+
+
+def sft_loss_parts(model, batch: dict[str, jax.Array], key: jax.Array, *, block_size: int,
+                   mask_token_id: int, eps: float, chunk: int, attn_impl: str = "auto") -> LossParts:
+    """Numerator and denominator of the SFT loss ``sum_masked CE/p / N_supervised`` for a batch.
+
+    The loss of a global batch split into micro-batches is the sum of numerators over the sum of
+    denominators, which makes gradient accumulation exact.
+    """
+    tokens, labels = batch["tokens"], batch["labels"]
+    noised = noise_batch(key, tokens, labels, batch["segment_ids"],
+                         mask_token_id=mask_token_id, eps=eps)
+    canvas, noisy_slot = canvas_lib.two_stream_canvas(
+        tokens, noised.noisy_tokens, batch["positions"], batch["segment_ids"], block_size)
+    hidden = model.hidden_states(canvas=canvas, attn_impl=attn_impl)
+    hidden_noisy = jnp.take_along_axis(hidden, noisy_slot[..., None], axis=1)
+    weights = jnp.where(noised.masked, 1.0 / noised.p, 0.0)
+    ce = chunked_weighted_cross_entropy(
+        hidden_noisy.reshape(-1, hidden.shape[-1]), model.output_embedding(),
+        tokens.reshape(-1), weights.reshape(-1), chunk=chunk)
+    return LossParts(ce, jnp.sum(labels != IGNORE), jnp.sum(noised.masked))

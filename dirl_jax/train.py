@@ -1,0 +1,245 @@
+"""``python -m dirl_jax.train --config configs/sft_tiny.py [--config.a.b=v ...]``: blockwise
+diffusion SFT with exact gradient accumulation, orbax checkpoints with exact resume, metrics,
+final held-out evaluation and HF export."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app
+from absl import logging as absl_logging
+from flax import nnx
+from ml_collections import ConfigDict, config_flags
+
+from dirl_jax import diffusion
+from dirl_jax.checkpoint import Checkpointer, abstract_like
+from dirl_jax.config import check_model_block_size, validate
+from dirl_jax.data import sft as sft_data
+from dirl_jax.data import toy
+from dirl_jax.data.tokenizer import load_tokenizer
+from dirl_jax.metrics import MetricsWriter
+from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
+from dirl_jax.model.hf_io import resolve_dtype
+from dirl_jax.naive_decoder import naive_generate
+from dirl_jax.optim import learning_rate_schedule, make_optimizer
+from dirl_jax.rewards import extract_last_boxed
+
+log = logging.getLogger(__name__)
+BUILTIN_TOKENIZER = "builtin:toy"
+BUILTIN_TASK = "builtin:arithmetic"
+
+
+# ----------------------------------------------------------------------------- set-up
+def build_tokenizer(config: ConfigDict):
+    if config.tokenizer == BUILTIN_TOKENIZER:
+        return toy.toy_tokenizer()
+    return load_tokenizer(config.tokenizer or config.init_from)
+
+
+def build_records(config: ConfigDict) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Training records and held-out evaluation records (question / answer)."""
+    data = config.data
+    if data.source == BUILTIN_TASK:
+        records = toy.arithmetic_records(config.seed, data.builtin_train_size + data.builtin_eval_size)
+        eval_records = records[data.builtin_train_size:]
+        held_out_questions = {r["question"] for r in eval_records}
+        train = [r for r in records[:data.builtin_train_size] if r["question"] not in held_out_questions]
+        return train, eval_records
+    return sft_data.read_records(data.source, data.split), []
+
+
+def build_model(config: ConfigDict, tokenizer) -> tuple[SDARForCausalLM, SDARConfig]:
+    dtype = resolve_dtype(config.train.compute_dtype)
+    param_dtype = resolve_dtype(config.train.param_dtype)
+    if config.init_from:
+        model, model_config = load_model(config.init_from, dtype, param_dtype=param_dtype,
+                                         remat=config.model.remat)
+        check_model_block_size(config, model_config.block_size)
+        return model, model_config
+    m = config.model
+    model_config = SDARConfig(
+        vocab_size=m.vocab_size or len(tokenizer), hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
+        head_dim=m.head_dim, block_size=m.block_size, mask_token_id=tokenizer.mask_token_id,
+        rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model = SDARForCausalLM(model_config, rngs=nnx.Rngs(config.seed), dtype=dtype,
+                            param_dtype=param_dtype, remat=m.remat)
+    return model, model_config
+
+
+# ----------------------------------------------------------------------------- the step
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ConfigDict,
+                    model_config: SDARConfig):
+    """One optimizer update per global batch ``[grad_accum, micro_batch, L]``: gradients of the
+    loss numerators are summed over micro-batches and divided by the global number of
+    supervised tokens, so any split of the batch gives the same update."""
+    loss_parts = functools.partial(
+        diffusion.sft_loss_parts, block_size=config.diffusion.block_size,
+        mask_token_id=model_config.mask_token_id, eps=config.diffusion.eps,
+        chunk=config.diffusion.loss_chunk)
+    schedule = learning_rate_schedule(config.train)
+
+    def numerator(params, micro_batch, key):
+        parts = loss_parts(nnx.merge(graphdef, params), micro_batch, key)
+        return parts.weighted_ce_sum, parts
+
+    def train_step(params, opt_state, batch, key, step):
+        def accumulate(carry, inputs):
+            grads, ce, supervised, masked = carry
+            micro_batch, micro_key = inputs
+            (value, parts), g = jax.value_and_grad(numerator, has_aux=True)(params, micro_batch, micro_key)
+            return (jax.tree.map(jnp.add, grads, g), ce + value, supervised + parts.num_supervised,
+                    masked + parts.num_masked), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros((), jnp.int32),
+                 jnp.zeros((), jnp.int32))
+        keys = jax.random.split(key, config.train.grad_accum)
+        (grads, ce, supervised, masked), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
+        denominator = jnp.maximum(supervised, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": ce / denominator, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(step), "masked_fraction": masked / denominator,
+                   "supervised_tokens": supervised}
+        return params, opt_state, metrics
+
+    return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate_builtin(model: SDARForCausalLM, model_config: SDARConfig, tokenizer,
+                     records: list[dict[str, Any]], config: ConfigDict) -> dict[str, Any]:
+    """Held-out exact match of the boxed answer under greedy block-diffusion decoding."""
+    records = records[:config.eval.num_examples]
+    stop_ids = [tokenizer.convert_tokens_to_ids(toy.IM_END), tokenizer.pad_token_id]
+    correct, tokens_per_step = 0, []
+    for start in range(0, len(records), config.eval.batch_size):
+        chunk = records[start:start + config.eval.batch_size]
+        prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in chunk]
+        results = naive_generate(
+            model, prompts, block_size=model_config.block_size,
+            mask_token_id=model_config.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+            max_new_tokens=config.eval.max_new_tokens, stop_ids=stop_ids,
+            strategy=config.eval.strategy, steps=config.eval.steps or None,
+            threshold=config.eval.threshold)
+        for record, result in zip(chunk, results):
+            text = tokenizer.decode(result["token_ids"])
+            correct += extract_last_boxed(text) == record["answer"]
+            tokens_per_step.append(len(result["token_ids"]) / max(1, len(set(result["step_map"]) - {0})))
+    return {"accuracy": correct / max(len(records), 1), "num_examples": len(records),
+            "tokens_per_step": float(np.mean(tokens_per_step)) if tokens_per_step else 0.0,
+            "strategy": config.eval.strategy}
+
+
+# ----------------------------------------------------------------------------- the run
+def _write_json_atomic(path: str, obj: Any) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def run_sft(config: ConfigDict) -> dict[str, Any]:
+    """Runs (or resumes) SFT as configured; returns the final evaluation (if any)."""
+    validate(config)
+    tokenizer = build_tokenizer(config)
+    train_records, eval_records = build_records(config)
+    examples, _ = sft_data.prepare_examples(
+        train_records, tokenizer, block_size=config.diffusion.block_size,
+        max_length=config.data.max_length, overlong=config.data.overlong, source=config.data.source)
+    model, model_config = build_model(config, tokenizer)
+
+    # Everything was validated: from here on the run directory is written.
+    run_dir = os.path.abspath(config.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    _write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+    tokenizer_dir = os.path.join(run_dir, "tokenizer")
+    if not os.path.isdir(tokenizer_dir):
+        tokenizer.save_pretrained(tokenizer_dir + ".tmp")
+        os.replace(tokenizer_dir + ".tmp", tokenizer_dir)
+
+    train = config.train
+    rows_per_host = train.global_batch // jax.process_count()
+    micro = rows_per_host // train.grad_accum
+    data_iter = iter(sft_data.packed_batches(
+        examples, seq_len=config.data.max_length, rows=rows_per_host, seed=config.seed,
+        pad_id=tokenizer.pad_token_id, process_index=jax.process_index(),
+        process_count=jax.process_count(), packing_bins=config.data.packing_bins))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(train)
+    opt_state = tx.init(params)
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
+                                every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, _ = checkpointer.restore(start, abstract_like({"params": params, "opt_state": opt_state}),
+                                        data_iter)
+        params, opt_state = state["params"], state["opt_state"]
+        print(f"resumed from {run_dir}/checkpoints/{start}", flush=True)
+    train_step = make_train_step(graphdef, tx, config, model_config)
+    base_key = jax.random.key(config.seed)
+    writer = MetricsWriter(run_dir, resume_step=start, total_steps=train.num_steps,
+                           enabled=jax.process_index() == 0)
+    pending: list[tuple[int, dict[str, jax.Array], int]] = []
+    last_time = time.time()
+    for step in range(start, train.num_steps):
+        batch = next(data_iter)
+        real_tokens = int((batch["segment_ids"] >= 0).sum())
+        batch = {k: jnp.asarray(v).reshape(train.grad_accum, micro, -1) for k, v in batch.items()}
+        params, opt_state, metrics = train_step(params, opt_state, batch,
+                                                jax.random.fold_in(base_key, step), step)
+        pending.append((step + 1, metrics, real_tokens))
+        checkpointer.save(step + 1, {"params": params, "opt_state": opt_state}, data_iter,
+                          {"step": step + 1, "seed": config.seed}, force=step + 1 == train.num_steps)
+        if (step + 1) % train.log_every == 0 or step + 1 == train.num_steps:
+            fetched = jax.device_get([m for _, m, _ in pending])
+            elapsed = (time.time() - last_time) / len(pending)
+            writer.write([{"step": s, **{k: float(v) for k, v in m.items()},
+                           "tokens_per_s": n / elapsed}
+                          for (s, _, n), m in zip(pending, fetched)])
+            pending, last_time = [], time.time()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    model = nnx.merge(graphdef, params)
+    result: dict[str, Any] = {}
+    if eval_records and config.eval.num_examples > 0:
+        result = evaluate_builtin(model, model_config, tokenizer, eval_records, config)
+        print(f"held-out accuracy {result['accuracy']:.3f} on {result['num_examples']} examples "
+              f"({result['strategy']}, {result['tokens_per_step']:.2f} tokens/step)", flush=True)
+        if jax.process_index() == 0:
+            _write_json_atomic(os.path.join(run_dir, "eval.json"), result)
+    if config.export.enabled:
+        save_model(model, model_config, os.path.join(run_dir, "export"), tokenizer_dir=tokenizer_dir,
+                   dtype=config.export.dtype, overwrite=True)
+    return result
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                          lock_config=True)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config configs/<name>.py is required")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
+    run_sft(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
