@@ -8,6 +8,7 @@ holding no masked token are skipped.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -23,32 +24,37 @@ class Noised(NamedTuple):
     p: jax.Array             # [B, L] masking probability of each token's segment
 
 
-def noise_batch(key: jax.Array, tokens: jax.Array, labels: jax.Array, segment_ids: jax.Array, *,
-                mask_token_id: int, eps: float = 1e-3, max_tries: int = 10) -> Noised:
-    """DiRL's ``forward_add_noise_packed``, vectorised over rows and tries.
+def noise_row(key: jax.Array, tokens: jax.Array, labels: jax.Array, segment_ids: jax.Array, *,
+              mask_token_id: int, eps: float = 1e-3, max_tries: int = 10) -> Noised:
+    """DiRL's ``forward_add_noise_packed`` for one row ``[L]``, vectorised over tries.
 
-    Per row and try, each segment draws ``t ~ U(0,1)``, ``p = (1-eps) t + eps``, and every
-    supervised token (label != -100) of the segment is masked with probability ``p``. A row takes
-    its first try that masks at least one token; if none of the ``max_tries`` does, one supervised
-    token chosen uniformly is masked, with ``p`` of the last try. Rows without supervised tokens
-    stay clean.
+    Per try, each segment draws ``t ~ U(0,1)``, ``p = (1-eps) t + eps``, and every supervised
+    token (label != -100) of the segment is masked with probability ``p``. The row takes its
+    first try that masks at least one token; if none of the ``max_tries`` does, one supervised
+    token chosen uniformly is masked, with ``p`` of the last try. A row without supervised
+    tokens stays clean.
     """
-    batch, length = tokens.shape
+    length = tokens.shape[0]
     eligible = labels != IGNORE
     k_t, k_u, k_force = jax.random.split(key, 3)
-    t = jax.random.uniform(k_t, (max_tries, batch, length))  # one t per (try, row, segment id)
+    t = jax.random.uniform(k_t, (max_tries, length))  # one t per (try, segment id)
     segment = jnp.broadcast_to(jnp.clip(segment_ids, 0, length - 1), t.shape)
     p_tries = (1.0 - eps) * jnp.take_along_axis(t, segment, axis=-1) + eps
     mask_tries = (jax.random.uniform(k_u, t.shape) < p_tries) & eligible
-    hit = mask_tries.any(axis=-1)                      # [tries, B]
-    found = hit.any(axis=0)                            # [B]
-    first = jnp.where(found, jnp.argmax(hit, axis=0), max_tries - 1)
-    rows = jnp.arange(batch)
-    masked, p = mask_tries[first, rows], p_tries[first, rows]
-    scores = jnp.where(eligible, jax.random.uniform(k_force, (batch, length)), -1.0)
-    forced = (jnp.arange(length) == jnp.argmax(scores, axis=-1)[:, None]) & eligible
-    masked = jnp.where(found[:, None], masked, forced)
-    return Noised(jnp.where(masked, mask_token_id, tokens), masked, p)
+    hit = mask_tries.any(axis=-1)
+    found = hit.any()
+    chosen = jnp.where(found, jnp.argmax(hit), max_tries - 1)
+    scores = jnp.where(eligible, jax.random.uniform(k_force, (length,)), -1.0)
+    forced = (jnp.arange(length) == jnp.argmax(scores)) & eligible
+    masked = jnp.where(found, mask_tries[chosen], forced)
+    return Noised(jnp.where(masked, mask_token_id, tokens), masked, p_tries[chosen])
+
+
+def noise_batch(keys: jax.Array, tokens: jax.Array, labels: jax.Array, segment_ids: jax.Array,
+                **kwargs) -> Noised:
+    """:func:`noise_row` over a batch, one key per row (so noise does not depend on how a
+    global batch is split into micro-batches)."""
+    return jax.vmap(functools.partial(noise_row, **kwargs))(keys, tokens, labels, segment_ids)
 
 
 def chunked_weighted_cross_entropy(hidden: jax.Array, output_embedding: jax.Array,
@@ -96,16 +102,25 @@ class LossParts(NamedTuple):
     num_masked: jax.Array
 
 
-def sft_loss_parts(model, batch: dict[str, jax.Array], key: jax.Array, *, block_size: int,
+def sft_loss_parts(model, batch: dict[str, jax.Array], row_keys: jax.Array, *, block_size: int,
                    mask_token_id: int, eps: float, chunk: int, attn_impl: str = "auto") -> LossParts:
-    """Numerator and denominator of the SFT loss ``sum_masked CE/p / N_supervised`` for a batch.
+    """Numerator and denominator of the SFT loss ``sum_masked CE/p / N_supervised`` for a batch
+    noised with one key per row.
 
     The loss of a global batch split into micro-batches is the sum of numerators over the sum of
     denominators, which makes gradient accumulation exact.
     """
-    tokens, labels = batch["tokens"], batch["labels"]
-    noised = noise_batch(key, tokens, labels, batch["segment_ids"],
+    noised = noise_batch(row_keys, batch["tokens"], batch["labels"], batch["segment_ids"],
                          mask_token_id=mask_token_id, eps=eps)
+    return masked_loss_parts(model, batch, noised, block_size=block_size, chunk=chunk,
+                             attn_impl=attn_impl)
+
+
+def masked_loss_parts(model, batch: dict[str, jax.Array], noised: Noised, *, block_size: int,
+                      chunk: int, attn_impl: str = "auto") -> LossParts:
+    """The loss parts for given masks and probabilities: a two-stream forward, then the
+    1/p-weighted cross-entropy at the masked noisy positions (no label shift)."""
+    tokens, labels = batch["tokens"], batch["labels"]
     canvas, noisy_slot = canvas_lib.two_stream_canvas(
         tokens, noised.noisy_tokens, batch["positions"], batch["segment_ids"], block_size)
     hidden = model.hidden_states(canvas=canvas, attn_impl=attn_impl)

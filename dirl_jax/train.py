@@ -91,21 +91,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         chunk=config.diffusion.loss_chunk)
     schedule = learning_rate_schedule(config.train)
 
-    def numerator(params, micro_batch, key):
-        parts = loss_parts(nnx.merge(graphdef, params), micro_batch, key)
+    def numerator(params, micro_batch, row_keys):
+        parts = loss_parts(nnx.merge(graphdef, params), micro_batch, row_keys)
         return parts.weighted_ce_sum, parts
 
     def train_step(params, opt_state, batch, key, step):
         def accumulate(carry, inputs):
             grads, ce, supervised, masked = carry
-            micro_batch, micro_key = inputs
-            (value, parts), g = jax.value_and_grad(numerator, has_aux=True)(params, micro_batch, micro_key)
+            micro_batch, row_keys = inputs
+            (value, parts), g = jax.value_and_grad(numerator, has_aux=True)(params, micro_batch, row_keys)
             return (jax.tree.map(jnp.add, grads, g), ce + value, supervised + parts.num_supervised,
                     masked + parts.num_masked), None
 
         zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros((), jnp.int32),
                  jnp.zeros((), jnp.int32))
-        keys = jax.random.split(key, config.train.grad_accum)
+        keys = jax.random.split(key, batch["tokens"].shape[0] * batch["tokens"].shape[1])
+        keys = keys.reshape(batch["tokens"].shape[:2])  # one noise key per row of the global batch
         (grads, ce, supervised, masked), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
         denominator = jnp.maximum(supervised, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denominator, grads)
@@ -117,6 +118,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         return params, opt_state, metrics
 
     return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def step_key(base_key: jax.Array, step: int) -> jax.Array:
+    """The noise key of a step on this host: a pure function of (seed, step, host), so a resumed
+    run draws exactly the noise of an uninterrupted one."""
+    return jax.random.fold_in(jax.random.fold_in(base_key, step), jax.process_index())
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -200,7 +207,7 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
         real_tokens = int((batch["segment_ids"] >= 0).sum())
         batch = {k: jnp.asarray(v).reshape(train.grad_accum, micro, -1) for k, v in batch.items()}
         params, opt_state, metrics = train_step(params, opt_state, batch,
-                                                jax.random.fold_in(base_key, step), step)
+                                                step_key(base_key, step), step)
         pending.append((step + 1, metrics, real_tokens))
         checkpointer.save(step + 1, {"params": params, "opt_state": opt_state}, data_iter,
                           {"step": step + 1, "seed": config.seed}, force=step + 1 == train.num_steps)
