@@ -112,7 +112,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         grads = jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": ce / denominator, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": ce / denominator, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(step), "masked_fraction": masked / denominator,
                    "supervised_tokens": supervised}
         return params, opt_state, metrics

@@ -21,11 +21,11 @@ CHAT_TEMPLATE = (
 )
 
 _TEMPLATES = (
-    ("Tom has {a} apples and buys {b} more. How many apples does he have now?", "+"),
-    ("A box holds {a} pens. Ann adds {b} pens. How many pens are in the box?", "+"),
-    ("Sam had {a} coins and found {b} more. How many coins does Sam have?", "+"),
-    ("There are {a} birds on a tree and {b} more arrive. How many birds are there?", "+"),
-    ("What is {a} plus {b}?", "+"),
+    "Tom has {a} apples and buys {b} more. How many now?",
+    "A box has {a} pens. Ann adds {b}. How many pens?",
+    "Sam had {a} coins and found {b}. How many coins?",
+    "{a} birds sit on a tree and {b} join. How many birds?",
+    "What is {a} plus {b}?",
 )
 
 
@@ -45,10 +45,10 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
 
 def arithmetic_problem(rng: random.Random, max_operand: int) -> tuple[str, str, str]:
     """(question, worked answer, gold answer) for one problem."""
-    template, _ = rng.choice(_TEMPLATES)
+    template = rng.choice(_TEMPLATES)
     a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
     gold = str(a + b)
-    return template.format(a=a, b=b), f"{a} + {b} = {gold}. The answer is \\boxed{{{gold}}}.", gold
+    return template.format(a=a, b=b), f"{a}+{b}={gold}, so \\boxed{{{gold}}}.", gold
 
 
 def arithmetic_records(seed: int, count: int, max_operand: int = 49) -> list[dict]:

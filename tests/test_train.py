@@ -1,0 +1,214 @@
+"""The SFT trainer: exact gradient accumulation, bit-exact resume, config validation, bad inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from conftest import REPO
+from dirl_jax import train as train_lib
+from dirl_jax.config import ConfigValueError, sft_defaults, validate
+from dirl_jax.data import sft as sft_data
+from dirl_jax.data import toy
+from dirl_jax.model import SDARConfig, abstract_model
+from dirl_jax.optim import make_optimizer
+
+
+def tiny_run_config(run_dir, **train_overrides):
+    config = sft_defaults()
+    config.run_dir = str(run_dir)
+    config.tokenizer = "builtin:toy"
+    config.data.update(max_length=96, builtin_train_size=300, builtin_eval_size=8)
+    config.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    config.train.update(num_steps=6, global_batch=4, learning_rate=3e-3, warmup_steps=2,
+                        schedule="constant", log_every=2, **train_overrides)
+    config.checkpoint.every_steps = 3
+    config.eval.update(num_examples=4, max_new_tokens=8, batch_size=4)
+    config.export.dtype = "float32"
+    return config
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, seed):
+    tokenizer = toy.toy_tokenizer()
+    config = tiny_run_config(tmp_path)
+    records, _ = train_lib.build_records(config)
+    examples, _ = sft_data.prepare_examples(records, tokenizer, block_size=4, max_length=96,
+                                            overlong="drop")
+    batch = next(iter(sft_data.packed_batches(examples, seq_len=96, rows=8, seed=seed, pad_id=0)))
+    results = []
+    for accum in (1, 4):
+        config.train.update(global_batch=8, grad_accum=accum)
+        model, model_config = train_lib.build_model(config, tokenizer)
+        graphdef, params = nnx.split(model, nnx.Param)
+        tx = make_optimizer(config.train)
+        step = train_lib.make_train_step(graphdef, tx, config, model_config)
+        shaped = {k: jnp.asarray(v).reshape(accum, 8 // accum, -1) for k, v in batch.items()}
+        new_params, _, metrics = step(params, tx.init(params), shaped, jax.random.key(seed), 0)
+        results.append((jax.device_get(new_params), jax.device_get(metrics)))
+    (p1, m1), (p4, m4) = results
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def read_metrics(run_dir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight = tiny_run_config(tmp_path / "straight")
+    train_lib.run_sft(straight)
+    resumed = tiny_run_config(tmp_path / "resumed")
+    resumed.train.num_steps = 3
+    train_lib.run_sft(resumed)
+    resumed.train.num_steps = 6
+    train_lib.run_sft(resumed)
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    pa = load_file(tmp_path / "straight" / "export" / "model.safetensors")
+    pb = load_file(tmp_path / "resumed" / "export" / "model.safetensors")
+    for name in pa:
+        np.testing.assert_array_equal(pa[name], pb[name], err_msg=name)
+    for row in a:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= row.keys()
+    result = json.loads((tmp_path / "straight" / "eval.json").read_text())
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["num_examples"] == 4
+    saved = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert saved["train"]["num_steps"] == 6
+    assert (tmp_path / "straight" / "tensorboard").is_dir()
+
+
+# ------------------------------------------------------------------------- bad inputs
+def write_lines(path: pathlib.Path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "1+1?"},
+                                {"role": "assistant", "content": "\\boxed{2}"}]})
+
+
+@pytest.mark.parametrize("lines,error,message", [
+    (None, FileNotFoundError, "dataset file not found"),
+    ([GOOD, "{oops", GOOD], sft_data.DataError, r"data\.jsonl:2: malformed JSON line"),
+    ([json.dumps({"messages": [{"role": "robot", "content": "hi"}]})], sft_data.DataError,
+     r"record 0: messages\[0\] has unknown role 'robot'"),
+    ([json.dumps({"messages": [{"role": "user", "content": "x" * 200},
+                               {"role": "assistant", "content": "y"}]})],
+     sft_data.DataError, "no examples left after filtering .*1 longer than data.max_length=96 dropped"),
+])
+def test_bad_inputs_fail_before_the_run_directory_is_made(tmp_path, lines, error, message):
+    source = tmp_path / "data.jsonl"
+    if lines is not None:
+        write_lines(source, lines)
+    config = tiny_run_config(tmp_path / "run")
+    config.data.source = str(source)
+    with pytest.raises(error, match=message):
+        train_lib.run_sft(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncate_keeps_overlong_examples():
+    tokenizer = toy.toy_tokenizer()
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * 100}]}
+    examples, stats = sft_data.prepare_examples([record], tokenizer, block_size=4, max_length=64,
+                                                overlong="truncate")
+    assert stats.truncated == 1 and len(examples[0]["tokens"]) == 64
+    assert stats.dropped == 0
+
+
+def test_record_encoding_labels_and_block_padding():
+    tokenizer = toy.toy_tokenizer()
+    record = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                           {"role": "assistant", "content": "ab"}]}
+    tokens, labels = sft_data.encode_record(record, tokenizer, block_size=4)
+    text = tokenizer.decode(tokens)
+    prompt = "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    assert text.startswith(prompt + "ab<|im_end|>\n")
+    assert len(tokens) % 4 == 0
+    n_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
+    assert (labels[:n_prompt] == sft_data.IGNORE).all()
+    supervised = labels[n_prompt:]
+    assert (supervised == tokens[n_prompt:]).all()  # response, <|im_end|>\n and block padding
+    assert tokenizer.decode(tokens[n_prompt:]).rstrip(toy.PAD).endswith("ab<|im_end|>\n")
+
+
+def test_packed_rows_have_segments_positions_and_padding():
+    tokenizer = toy.toy_tokenizer()
+    records = toy.arithmetic_records(0, 50)
+    examples, _ = sft_data.prepare_examples(records, tokenizer, block_size=4, max_length=128,
+                                            overlong="drop")
+    batch = next(iter(sft_data.packed_batches(examples, seq_len=128, rows=4, seed=0, pad_id=0)))
+    for row in range(4):
+        seg, pos = batch["segment_ids"][row], batch["positions"][row]
+        assert (seg[seg >= 0] == np.sort(seg[seg >= 0])).all()
+        for s in np.unique(seg[seg >= 0]):
+            np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
+        assert (batch["labels"][row][seg < 0] == sft_data.IGNORE).all()
+
+
+# ------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("field,value,message", [
+    ("train.global_batch", 6, r"train.global_batch: \(6\) must be divisible by train.grad_accum \(4\)"),
+    ("model.block_size", 8, r"model.block_size: \(8\) must equal diffusion.block_size \(4\)"),
+    ("train.schedule", "linear", "train.schedule: must be one of"),
+    ("data.overlong", "keep", "data.overlong"),
+])
+def test_inconsistent_configs_are_rejected(tmp_path, field, value, message):
+    config = tiny_run_config(tmp_path)
+    config.train.grad_accum = 4
+    config.train.global_batch = 8
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigValueError, match=message):
+        validate(config)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dirl_jax.train", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+
+
+def test_cli_rejects_unknown_and_mistyped_overrides():
+    unknown = run_cli("--config", "configs/sft_tiny.py", "--config.train.num_stepz=3")
+    assert unknown.returncode != 0 and "num_stepz" in unknown.stderr
+    mistyped = run_cli("--config", "configs/sft_tiny.py", "--config.train.num_steps=many")
+    assert mistyped.returncode != 0 and "num_steps" in mistyped.stderr
+
+
+def load_config_file(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_paper_recipe_validates_and_builds_abstractly(shared_dir):
+    config = load_config_file("sft_sdar8b")
+    validate(config)
+    assert (config.train.learning_rate, config.train.weight_decay, config.train.global_batch,
+            config.train.num_steps, config.diffusion.block_size, config.data.max_length,
+            config.train.schedule) == (1e-5, 0.0, 512, 100, 4, 8192, "cosine")
+    model_config = SDARConfig.from_pretrained(shared_dir / "data" / "sdar_tokenizer")
+    model = abstract_model(model_config, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=True)
+    params = nnx.state(model, nnx.Param)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert 8.1e9 < n_params < 8.3e9
+    train_lib.check_model_block_size(config, model_config.block_size)
+
+
+def test_embedded_default_config_validates():
+    validate(load_config_file("sft_tiny"))
