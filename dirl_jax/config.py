@@ -28,7 +28,7 @@ def sft_defaults() -> ConfigDict:
     config.data = ConfigDict(dict(
         source="builtin:arithmetic",      # .jsonl/.json/.parquet file, HF datasets name, or builtin:arithmetic
         split="train", max_length=128, overlong="drop", packing_bins=8,
-        builtin_train_size=20000, builtin_eval_size=500))
+        builtin_train_size=20000, builtin_eval_size=500, builtin_max_operand=49))
     config.diffusion = ConfigDict(dict(block_size=4, eps=1e-3, loss_chunk=1024))
     config.train = ConfigDict(dict(
         num_steps=1000, global_batch=16, grad_accum=1, learning_rate=1e-3, warmup_steps=100,

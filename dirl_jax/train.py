@@ -49,7 +49,8 @@ def build_records(config: ConfigDict) -> tuple[list[Any], list[dict[str, Any]]]:
     """Training records and held-out evaluation records (question / answer)."""
     data = config.data
     if data.source == BUILTIN_TASK:
-        records = toy.arithmetic_records(config.seed, data.builtin_train_size + data.builtin_eval_size)
+        records = toy.arithmetic_records(config.seed, data.builtin_train_size + data.builtin_eval_size,
+                                         max_operand=data.builtin_max_operand)
         eval_records = records[data.builtin_train_size:]
         held_out_questions = {r["question"] for r in eval_records}
         train = [r for r in records[:data.builtin_train_size] if r["question"] not in held_out_questions]

@@ -32,7 +32,8 @@ def tiny_run_config(run_dir, **train_overrides):
     config.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     config.train.update(num_steps=6, global_batch=4, learning_rate=3e-3, warmup_steps=2,
-                        schedule="constant", log_every=2, **train_overrides)
+                        schedule="constant", log_every=2)
+    config.train.update(**train_overrides)
     config.checkpoint.every_steps = 3
     config.eval.update(num_examples=4, max_new_tokens=8, batch_size=4)
     config.export.dtype = "float32"
@@ -89,6 +90,24 @@ def test_resume_is_bit_exact(tmp_path):
     saved = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert saved["train"]["num_steps"] == 6
     assert (tmp_path / "straight" / "tensorboard").is_dir()
+
+
+def test_interrupted_save_and_init_from_export(tmp_path):
+    config = tiny_run_config(tmp_path / "run", num_steps=3)
+    train_lib.run_sft(config)
+    # A save that crashed half-way leaves an uncommitted temporary directory: it is ignored.
+    junk = tmp_path / "run" / "checkpoints" / "6.orbax-checkpoint-tmp-1234"
+    junk.mkdir()
+    (junk / "partial").write_text("x")
+    config.train.num_steps = 4
+    train_lib.run_sft(config)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    # A new run initialised from the exported HF directory, with bf16 compute over fp32 weights.
+    follow = tiny_run_config(tmp_path / "follow", num_steps=1, compute_dtype="bfloat16")
+    follow.init_from = str(tmp_path / "run" / "export")
+    follow.tokenizer = ""
+    train_lib.run_sft(follow)
+    assert np.isfinite(read_metrics(tmp_path / "follow")[0]["loss"])
 
 
 # ------------------------------------------------------------------------- bad inputs
@@ -212,3 +231,28 @@ def test_paper_recipe_validates_and_builds_abstractly(shared_dir):
 
 def test_embedded_default_config_validates():
     validate(load_config_file("sft_tiny"))
+
+
+def test_cli_contract_runs_resumes_and_reports(tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["--config", "configs/sft_tiny.py", f"--config.run_dir={run_dir}", "--config.seed=3",
+              "--config.checkpoint.every_steps=2", "--config.eval.num_examples=4",
+              "--config.eval.max_new_tokens=8", "--config.train.log_every=1",
+              "--config.data.builtin_train_size=200", "--config.data.builtin_eval_size=4",
+              "--config.model.num_hidden_layers=1", "--config.model.hidden_size=32",
+              "--config.model.intermediate_size=64"]
+    first = run_cli(*common, "--config.train.num_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "step 2/2 | loss" in first.stdout and "tok/s" in first.stdout and "eta" in first.stdout
+    second = run_cli(*common, "--config.train.num_steps=4")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["num_examples"] == 4 and isinstance(result["accuracy"], float)
+    assert (run_dir / "export" / "config.json").is_file()
+    assert (run_dir / "export" / "tokenizer_config.json").is_file()
+    plot = subprocess.run([sys.executable, "scripts/plot_metrics.py", str(run_dir)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert plot.returncode == 0, plot.stderr
+    assert (run_dir / "metrics.png").stat().st_size > 0

@@ -21,11 +21,11 @@ CHAT_TEMPLATE = (
 )
 
 _TEMPLATES = (
-    "Tom has {a} apples and buys {b} more. How many now?",
-    "A box has {a} pens. Ann adds {b}. How many pens?",
-    "Sam had {a} coins and found {b}. How many coins?",
-    "{a} birds sit on a tree and {b} join. How many birds?",
     "What is {a} plus {b}?",
+    "Add {a} and {b}.",
+    "Tom has {a} apples and gets {b}. Total?",
+    "Sum of {a} and {b}?",
+    "{a} birds, then {b} more. Total?",
 )
 
 
@@ -48,7 +48,7 @@ def arithmetic_problem(rng: random.Random, max_operand: int) -> tuple[str, str, 
     template = rng.choice(_TEMPLATES)
     a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
     gold = str(a + b)
-    return template.format(a=a, b=b), f"{a}+{b}={gold}, so \\boxed{{{gold}}}.", gold
+    return template.format(a=a, b=b), f"{a}+{b}=\\boxed{{{gold}}}", gold
 
 
 def arithmetic_records(seed: int, count: int, max_operand: int = 49) -> list[dict]:
