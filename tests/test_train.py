@@ -47,6 +47,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, seed):
     examples, _ = sft_data.prepare_examples(records, tokenizer, block_size=4, max_length=96,
                                             overlong="drop")
     batch = next(iter(sft_data.packed_batches(examples, seq_len=96, rows=8, seed=seed, pad_id=0)))
+    # adam_eps=1 makes the update smooth in the gradient (plain Adam turns fp-noise-sized gradients
+    # into full steps of either sign), so comparing updates compares the accumulated gradients.
+    config.train.adam_eps = 1.0
     results = []
     for accum in (1, 4):
         config.train.update(global_batch=8, grad_accum=accum)
@@ -61,7 +64,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, seed):
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
 def read_metrics(run_dir: pathlib.Path) -> list[dict]:
@@ -256,3 +259,18 @@ def test_cli_contract_runs_resumes_and_reports(tmp_path):
                           capture_output=True, text=True)
     assert plot.returncode == 0, plot.stderr
     assert (run_dir / "metrics.png").stat().st_size > 0
+
+
+def test_parquet_and_datasets_directory_sources(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pytest.importorskip("datasets")
+    import pyarrow.parquet as pq
+    records = toy.arithmetic_records(1, 5)
+    messages = [r["messages"] for r in records]
+    pq.write_table(pa.table({"messages": messages}), tmp_path / "sft.parquet")
+    from_parquet = sft_data.read_records(str(tmp_path / "sft.parquet"))
+    assert [r["messages"] for r in from_parquet] == messages
+    (tmp_path / "hf").mkdir()
+    write_lines(tmp_path / "hf" / "train.jsonl", [json.dumps({"messages": m}) for m in messages])
+    from_datasets = sft_data.read_records(str(tmp_path / "hf"), split="train")
+    assert [r["messages"] for r in from_datasets] == messages
