@@ -107,27 +107,19 @@ def rewrite_weights(model_dir, edit) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
-def test_missing_tensor_is_named(saved):
-    rewrite_weights(saved, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
-        load_model(saved, "float32")
-
-
-def test_unexpected_tensor_is_named(saved):
-    rewrite_weights(saved, lambda t: t.update({"model.layers.9.extra.weight": np.zeros(3, np.float32)}))
-    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.9\.extra\.weight"):
-        load_model(saved, "float32")
-
-
-def test_wrong_shape_is_named(saved):
-    rewrite_weights(saved, lambda t: t.update({"model.norm.weight": np.zeros(5, np.float32)}))
-    with pytest.raises(CheckpointError, match=r"model\.norm\.weight .*shape \(5,\), expected \(24,\)"):
-        load_model(saved, "float32")
-
-
-def test_unsupported_dtype_is_named(saved):
-    rewrite_weights(saved, lambda t: t.update({"model.norm.weight": np.zeros(24, np.int8)}))
-    with pytest.raises(CheckpointError, match=r"model\.norm\.weight .*unsupported dtype I8"):
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+     r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"),
+    (lambda t: t.update({"model.layers.9.extra.weight": np.zeros(3, np.float32)}),
+     r"unexpected tensors: model\.layers\.9\.extra\.weight"),
+    (lambda t: t.update({"model.norm.weight": np.zeros(5, np.float32)}),
+     r"model\.norm\.weight .*shape \(5,\), expected \(24,\)"),
+    (lambda t: t.update({"model.norm.weight": np.zeros(24, np.int8)}),
+     r"model\.norm\.weight .*unsupported dtype I8"),
+], ids=["missing", "unexpected", "wrong_shape", "unsupported_dtype"])
+def test_bad_tensor_is_named(saved, edit, message):
+    rewrite_weights(saved, edit)
+    with pytest.raises(CheckpointError, match=message):
         load_model(saved, "float32")
 
 

@@ -35,6 +35,7 @@ SUPPORTED_FILE_DTYPES = ("BF16", "F16", "F32")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
     "special_tokens_map.json", "chat_template.jinja", "tokenizer.model",
+    "generation_config.json",  # the tokenizer directory's, when it has one, replaces ours
 )
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -278,9 +279,6 @@ def save_model(model: SDARForCausalLM, config: SDARConfig | None, out_dir: str |
         _write_json(os.path.join(tmp, "generation_config.json"), _generation_config(config))
         for file in tokenizer_files:
             shutil.copy2(file, tmp)
-        generation = os.path.join(tokenizer_dir or "", "generation_config.json")
-        if tokenizer_dir is not None and os.path.isfile(generation):
-            shutil.copy2(generation, tmp)
     return os.fspath(out_dir)
 
 
