@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from dirl_jax.attention import IMPLEMENTATIONS
+
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 
@@ -24,7 +26,8 @@ def sft_defaults() -> ConfigDict:
         vocab_size=0,                     # 0: the tokenizer's size
         hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, block_size=4, rope_theta=10000.0,
-        tie_word_embeddings=False, remat=False))
+        tie_word_embeddings=False, remat=False,
+        attention_impl="auto"))           # dirl_jax.attention impl: auto | reference | tiled | splash | pallas_gpu
     config.data = ConfigDict(dict(
         source="builtin:arithmetic",      # .jsonl/.json/.parquet file, HF datasets name, or builtin:arithmetic
         split="train", max_length=128, overlong="drop", packing_bins=8,
@@ -57,6 +60,8 @@ def validate(config: ConfigDict) -> None:
     check(t.global_batch % t.grad_accum == 0, "train.global_batch",
           f"({t.global_batch}) must be divisible by train.grad_accum ({t.grad_accum})")
     check(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
+    check(config.model.attention_impl in IMPLEMENTATIONS, "model.attention_impl",
+          f"must be one of {IMPLEMENTATIONS}, got {config.model.attention_impl!r}")
     check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     for field in ("compute_dtype", "param_dtype"):
         check(t[field] in DTYPES, f"train.{field}", f"must be one of {DTYPES}, got {t[field]!r}")

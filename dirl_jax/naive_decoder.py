@@ -28,7 +28,7 @@ STRATEGIES = ("low_confidence_static", "low_confidence_dynamic")
 def _greedy_step(model, tokens: jax.Array, segment_ids: jax.Array, block_size: int):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     canvas = canvas_lib.block_causal_canvas(tokens, positions, segment_ids, block_size)
-    probs = jax.nn.softmax(model(canvas=canvas).astype(jnp.float32), axis=-1)
+    probs = jax.nn.softmax(model(canvas=canvas, attn_impl="reference").astype(jnp.float32), axis=-1)
     return jnp.argmax(probs, axis=-1), jnp.max(probs, axis=-1)
 
 

@@ -70,7 +70,8 @@ def test_logits_match_transformers(tmp_path, seed, heads, kv_heads, tied, layout
     reference = torch_logits(tmp_path / "m", canvas.tokens, canvas.positions, mask)
     real = np.asarray(canvas.segment_ids) >= 0  # padding rows see nothing: HF and we differ there
     assert relative_error(ours[real], reference[real]) < 1e-4
-    np.testing.assert_array_equal(ours, ours_dense)
+    # The canvas path runs the block-sparse kernel, the mask path the dense reference.
+    np.testing.assert_allclose(ours, ours_dense, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_logits_close_to_transformers_fp32(tmp_path, seed):

@@ -1,32 +1,113 @@
-"""Attention over canvases: one entry point, implementations chosen by name or platform."""
+"""Attention over canvases: one entry point, implementations chosen by name or platform.
+
+=============  ===================================================================  ==========
+impl           what                                                                 platforms
+=============  ===================================================================  ==========
+``reference``  XLA einsums over the dense boolean mask (ground truth, O(T*S))       any
+``tiled``      pure-JAX block-sparse flash attention over the exact tile schedule   any
+``splash``     jax's Splash kernel with a static stream-major mask (needs layout)   TPU
+``pallas_gpu`` Pallas/Triton block-sparse flash attention over the tile schedule    GPU
+``auto``       ``splash`` on TPU when a layout is given, ``pallas_gpu`` on GPU,
+               ``tiled`` elsewhere; ``reference`` for an explicit mask
+=============  ===================================================================  ==========
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 
 from dirl_jax import canvas as canvas_lib
+from dirl_jax.attention import tiles
 from dirl_jax.attention.reference import reference_attention
+from dirl_jax.attention.tiled import tiled_attention
 
-IMPLEMENTATIONS = ("auto", "reference")
+IMPLEMENTATIONS = ("auto", "reference", "tiled", "splash", "pallas_gpu")
+DEFAULT_TILE = {"tiled": 128, "pallas_gpu": 64}
+
+
+def resolve_impl(impl: str, *, has_mask: bool = False, layout: Any = None,
+                 platform: str | None = None) -> str:
+    """The concrete implementation ``impl`` stands for on ``platform`` (default backend)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention impl {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
+    if impl != "auto":
+        return impl
+    if has_mask:
+        return "reference"
+    platform = platform or jax.default_backend()
+    if platform == "tpu" and layout is not None:
+        return "splash"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "pallas_gpu"
+    return "tiled"
+
+
+def _tile_for(length: int, tile: int) -> int:
+    """The largest power of two up to ``tile`` that a short sequence needs (at least 8)."""
+    size = 8
+    while size < min(length, tile):
+        size *= 2
+    return size
+
+
+def _block_sparse(kernel: Any, q: jax.Array, k: jax.Array, v: jax.Array,
+                  q_canvas: canvas_lib.Canvas, kv_canvas: canvas_lib.Canvas, tile: int,
+                  **kwargs: Any) -> jax.Array:
+    """Pads to whole tiles, builds the schedule on device, runs ``kernel``, slices the padding off."""
+    q_len, kv_len = q.shape[1], k.shape[1]
+    q_tile, kv_tile = _tile_for(q_len, tile), _tile_for(kv_len, tile)
+    q_pad, kv_pad = tiles.padded_length(q_len, q_tile), tiles.padded_length(kv_len, kv_tile)
+    q_canvas, kv_canvas = tiles.pad_canvas(q_canvas, q_pad), tiles.pad_canvas(kv_canvas, kv_pad)
+    schedule = tiles.tile_schedule(q_canvas, kv_canvas, q_tile=q_tile, kv_tile=kv_tile)
+    out = kernel(tiles.pad_sequence(q, q_pad), tiles.pad_sequence(k, kv_pad),
+                 tiles.pad_sequence(v, kv_pad), schedule, tiles.canvas_tags(q_canvas),
+                 tiles.canvas_tags(kv_canvas), **kwargs)
+    return out[:, :q_len]
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
               q_canvas: canvas_lib.Canvas | None = None,
               kv_canvas: canvas_lib.Canvas | None = None,
               mask: jax.Array | None = None,
-              impl: str = "auto") -> jax.Array:
-    """Attention of ``q [B,T,H,D]`` over ``k, v [B,S,KV,D]``.
+              impl: str = "auto",
+              layout: Any = None,
+              tile: int | None = None,
+              scale: float | None = None) -> jax.Array:
+    """Attention of ``q [B,T,H,D]`` over ``k, v [B,S,KV,D]`` (GQA: ``H`` a multiple of ``KV``).
 
     The visibility comes either from canvases (``q_canvas`` and, for a KV cache, ``kv_canvas``)
-    through :func:`dirl_jax.canvas.visible`, or from an explicit boolean ``mask [B,T,S]``.
+    through :func:`dirl_jax.canvas.visible`, or from an explicit boolean ``mask [B,T,S]``
+    (reference only). ``layout`` is the static :class:`~dirl_jax.attention.splash.StreamMajorLayout`
+    of the canvas, required by ``splash``. ``tile`` overrides the block-sparse tile size.
+    Returns ``[B,T,H,D]`` in ``v.dtype``; a query that sees nothing gets zeros.
     """
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention impl {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
     if (mask is None) == (q_canvas is None):
         raise ValueError("pass exactly one of `mask` or `q_canvas`")
-    if mask is None:
-        mask = canvas_lib.dense_mask(q_canvas, kv_canvas)
-    return reference_attention(q, k, v, mask)
+    impl = resolve_impl(impl, has_mask=mask is not None, layout=layout)
+    if mask is not None and impl != "reference":
+        raise ValueError(f"attention impl {impl!r} needs canvases; an explicit mask runs on 'reference'")
+    kv_canvas = q_canvas if kv_canvas is None else kv_canvas
+    if impl == "reference":
+        if mask is None:
+            mask = canvas_lib.dense_mask(q_canvas, kv_canvas)
+        return reference_attention(q, k, v, mask, scale=scale)
+    if impl == "tiled":
+        return _block_sparse(tiled_attention, q, k, v, q_canvas, kv_canvas,
+                             tile or DEFAULT_TILE["tiled"], scale=scale)
+    if impl == "pallas_gpu":
+        from dirl_jax.attention.pallas_gpu import pallas_gpu_attention
+        return _block_sparse(pallas_gpu_attention, q, k, v, q_canvas, kv_canvas,
+                             tile or DEFAULT_TILE["pallas_gpu"], scale=scale)
+    from dirl_jax.attention.splash import splash_attention
+    if layout is None:
+        raise ValueError("attention impl 'splash' needs `layout` (a StreamMajorLayout of the canvas)")
+    if kv_canvas is not q_canvas:
+        raise ValueError("attention impl 'splash' is self-attention over one canvas; use 'tiled' "
+                         "with a KV cache")
+    return splash_attention(q, k, v, q_canvas.segment_ids, layout)
 
 
-__all__ = ["IMPLEMENTATIONS", "attention", "reference_attention"]
+__all__ = ["IMPLEMENTATIONS", "attention", "reference_attention", "resolve_impl",
+           "tiled_attention"]

@@ -1,0 +1,206 @@
+"""Splash attention (TPU) over stream-major canvases, with the mask computed inside the kernel.
+
+A Splash mask must be static: a function of the query and key indices alone. On TPU a canvas row
+is therefore laid out *stream-major*::
+
+    [noisy round 1 (N) | ... | noisy round R (N) | clean (N)]
+
+Every part has length ``N`` and holds the packed samples at the same offsets; each sample starts
+at a multiple of the block size ``B`` and its positions restart at 0. With ``R = 1`` this is the
+SFT two-stream mask, ``R > 1`` the multi-round DiPO layout, ``R = 0`` plain block-causal
+attention. For index ``i`` let ``part(i) = i // N`` (``R`` is the clean part) and
+``blk(i) = (i mod N) // B``. Then a query ``i`` sees a key ``j`` iff
+
+* ``i // B == j // B`` (same part, same block: the block diagonal of every stream), or
+* ``j`` is clean and ``blk(j) < blk(i)`` (the clean prefix),
+
+and, with ``slot`` set, both lie in the same ``slot``-sized window of their part. Splash ANDs this
+with segment-id equality, which together equals :func:`dirl_jax.canvas.dense_mask` of the
+canvas built by :func:`stream_major_canvas`. Segment ids skip no tiles; fixed-size packing
+(``slot``) makes the cross-sample tiles statically empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from dirl_jax import canvas as canvas_lib
+from dirl_jax.canvas import Canvas
+
+Array = Any  # jax.Array or np.ndarray
+
+# Splash needs block_q % 128 == 0 with segment ids (dkv kernel) and block_kv_compute % 128 == 0.
+_BLOCK_MULTIPLE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamMajorLayout:
+    """Static shape of a stream-major canvas row of length ``(rounds + 1) * part_length``.
+
+    Attributes:
+      part_length: ``N``, the length of every stream part (a multiple of ``block_size``).
+      block_size: ``B``, the diffusion block size.
+      rounds: ``R``, the number of noisy copies (0: clean only, 1: SFT, >1: DiPO rounds).
+      slot: optional fixed packing window (a multiple of ``block_size`` dividing
+        ``part_length``); samples never cross a window, so cross-window tiles are skipped.
+    """
+
+    part_length: int
+    block_size: int
+    rounds: int = 1
+    slot: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.part_length < 1 or self.part_length % self.block_size:
+            raise ValueError(f"part_length ({self.part_length}) must be a positive multiple of "
+                             f"block_size ({self.block_size})")
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.slot is not None and (self.slot < 1 or self.slot % self.block_size
+                                      or self.part_length % self.slot):
+            raise ValueError(f"slot ({self.slot}) must be a positive multiple of block_size "
+                             f"({self.block_size}) dividing part_length ({self.part_length})")
+
+    @property
+    def length(self) -> int:
+        """The canvas length ``T = (rounds + 1) * part_length``."""
+        return (self.rounds + 1) * self.part_length
+
+    def visible(self, q_ids: Array, kv_ids: Array) -> Array:
+        """The static mask at canvas indices (NumPy on the host, ``jnp`` inside the kernel)."""
+        n, b = self.part_length, self.block_size
+        clean_start = self.rounds * n
+        same_block = q_ids // b == kv_ids // b
+        clean_prefix = (kv_ids >= clean_start) & ((kv_ids - clean_start) // b < (q_ids % n) // b)
+        keep = same_block | clean_prefix
+        if self.slot is not None:
+            keep = keep & ((q_ids % n) // self.slot == (kv_ids % n) // self.slot)
+        return keep
+
+
+class StreamMajorMask(splash_mask._ComputableMask):  # pylint: disable=protected-access
+    """The :class:`StreamMajorLayout` mask as a Splash computable mask (no mask in memory)."""
+
+    def __init__(self, layout: StreamMajorLayout):
+        self.layout = layout
+        super().__init__(shape=(layout.length, layout.length), mask_function=layout.visible)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StreamMajorMask):
+            return NotImplemented
+        return self.layout == other.layout
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.layout))
+
+
+def stream_major_canvas(clean_tokens: Array, noisy_tokens_per_round: Array, positions: Array,
+                        segment_ids: Array, layout: StreamMajorLayout) -> Canvas:
+    """The stream-major canvas ``[batch, (R + 1) * N]`` of packed rows.
+
+    Args:
+      clean_tokens: ``[batch, N]`` token ids of the packed samples.
+      noisy_tokens_per_round: ``[R, batch, N]`` the noisy copy of every round (noisy stream
+        ``r + 1`` holds round ``r``).
+      positions: ``[batch, N]`` positions, restarting at 0 in every sample; every sample starts at
+        a multiple of ``layout.block_size`` (and, with ``layout.slot``, stays inside one slot).
+      segment_ids: ``[batch, N]`` sample ids, ``-1`` for padding (which stays padding).
+      layout: the static layout; ``N == layout.part_length`` and ``R == layout.rounds``.
+    """
+    clean_tokens = jnp.asarray(clean_tokens, jnp.int32)
+    noisy = jnp.asarray(noisy_tokens_per_round, jnp.int32)
+    batch, n = clean_tokens.shape
+    if n != layout.part_length:
+        raise ValueError(f"part_length is {layout.part_length} but the inputs have length {n}")
+    if noisy.shape != (layout.rounds, batch, n):
+        raise ValueError(f"noisy_tokens_per_round must be shaped {(layout.rounds, batch, n)} "
+                         f"(rounds, batch, N), got {noisy.shape}")
+    positions = jnp.asarray(positions, jnp.int32)
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    parts = layout.rounds + 1
+
+    def tile(x: jax.Array) -> jax.Array:
+        return jnp.tile(x, (1, parts))
+
+    streams = np.repeat(np.r_[np.arange(1, parts), canvas_lib.CLEAN_STREAM], n).astype(np.int32)
+    return Canvas(tokens=jnp.concatenate([*noisy, clean_tokens], axis=1),
+                  positions=tile(positions),
+                  segment_ids=tile(segment_ids),
+                  stream_ids=jnp.broadcast_to(streams, (batch, parts * n)),
+                  block_ids=tile(positions // layout.block_size))
+
+
+@functools.lru_cache(maxsize=64)
+def splash_kernel(layout: StreamMajorLayout, num_heads: int, block_q: int = 128,
+                  block_kv: int = 128, interpret: bool = False) -> splash.SplashAttentionKernel:
+    """The (cached) Splash kernel of a layout, forward and backward block sizes alike.
+
+    The block tables are built in NumPy on the host, once per argument tuple.
+    """
+    for name, size in (("block_q", block_q), ("block_kv", block_kv)):
+        if size < 1 or size % _BLOCK_MULTIPLE or layout.length % size:
+            raise ValueError(f"{name} ({size}) must be a multiple of {_BLOCK_MULTIPLE} dividing "
+                             f"the canvas length {layout.length}")
+    sizes = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                              block_q_dkv=block_q, block_kv_dkv=block_kv,
+                              block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                              block_kv_dq=block_kv)
+    mask = splash_mask.MultiHeadMask([StreamMajorMask(layout)] * num_heads)
+    with jax.ensure_compile_time_eval():  # concrete mask-info arrays even if first built in a trace
+        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                      interpret=interpret)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                     layout: StreamMajorLayout, *, interpret: bool = False, block_q: int = 128,
+                     block_kv: int = 128) -> jax.Array:
+    """Splash attention over stream-major canvas rows (differentiable; GQA without repeating K/V).
+
+    Args:
+      q: ``[batch, T, heads, D]`` with ``T == layout.length``.
+      k, v: ``[batch, T, kv_heads, D]``; ``heads`` is a multiple of ``kv_heads``.
+      segment_ids: ``int[batch, T]``, the canvas segment ids (``-1`` = padding), equal in every
+        part (as :func:`stream_major_canvas` lays them out).
+      layout: the static layout of the rows.
+      interpret: run the Pallas kernels in interpret mode (CPU tests).
+      block_q, block_kv: kernel tile sizes, multiples of 128 dividing ``T``.
+
+    Returns ``[batch, T, heads, D]`` in ``q.dtype``; padding rows are zeros. Logits are scaled by
+    ``D ** -0.5``, as in :func:`dirl_jax.attention.reference.reference_attention`.
+
+    Under ``jax.shard_map`` (batch sharded, heads and length whole per device) call it on the local
+    shard with ``check_vma=False``: the Pallas kernels declare no varying mesh axes.
+    """
+    batch, length, num_heads, head_dim = q.shape
+    if length != layout.length or k.shape[1] != length or v.shape[1] != length:
+        raise ValueError(f"q, k, v must have length {layout.length} (the layout's), got "
+                         f"{q.shape[1]}, {k.shape[1]}, {v.shape[1]}")
+    if num_heads % k.shape[2]:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({k.shape[2]})")
+    if segment_ids.shape != (batch, length):
+        raise ValueError(f"segment_ids must be shaped {(batch, length)}, got {segment_ids.shape}")
+    kernel = splash_kernel(layout, num_heads, block_q, block_kv, interpret)
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)  # padding (-1) is a segment of its own here
+
+    def heads_major(x: jax.Array) -> jax.Array:  # [batch, T, heads, D] -> [batch, heads, T, D]
+        return jnp.swapaxes(x, 1, 2)
+
+    scaled_q = (q * head_dim ** -0.5).astype(q.dtype)
+    out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(s1, s1)))(
+        heads_major(scaled_q), heads_major(k), heads_major(v), segment_ids)
+    out = heads_major(out)
+    return jnp.where((segment_ids >= 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+__all__ = ["StreamMajorLayout", "StreamMajorMask", "splash_attention", "splash_kernel",
+           "stream_major_canvas"]

@@ -1,0 +1,184 @@
+"""Attention benchmark on the SFT two-stream mask: forward and forward+backward wall time.
+
+    python scripts/bench_attention.py [--seq-lens 1024 4096 16384] [--heads 8] [--kv-heads 2]
+        [--head-dim 128] [--block-size 4] [--dtype float32] [--impls reference tiled ...]
+        [--repeats 5] [--json out.json]
+
+Times are the median of ``--repeats`` calls after one warm-up (compile) call. ``seq_len`` is the
+canvas length 2n (n clean + n noisy tokens, one sample). Effective FLOP/s counts the matmul FLOPs
+of the non-empty tiles only (forward: QK^T and PV; forward+backward: 3.5x that, the flash
+recompute), so implementations are compared on the work the mask actually needs.
+``flex_torch`` is PyTorch FlexAttention (``torch.compile``), forward only: it has no CPU backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dirl_jax import canvas as canvas_lib
+from dirl_jax.attention import DEFAULT_TILE, attention, resolve_impl
+from dirl_jax.attention import tiles
+
+PLATFORM_IMPLS = {"cpu": ["reference", "tiled", "flex_torch"], "gpu": ["reference", "tiled", "pallas_gpu"],
+                  "tpu": ["reference", "tiled", "splash"]}
+BACKWARD_FACTOR = 3.5
+
+
+def two_stream(n: int, block_size: int) -> canvas_lib.Canvas:
+    positions = jnp.arange(n)[None]
+    zeros = jnp.zeros((1, n), jnp.int32)
+    return canvas_lib.two_stream_canvas(zeros, zeros, positions, zeros, block_size)[0]
+
+
+def stream_major(n: int, block_size: int) -> tuple[canvas_lib.Canvas, Any]:
+    from dirl_jax.attention.splash import StreamMajorLayout, stream_major_canvas
+    layout = StreamMajorLayout(part_length=n, block_size=block_size, rounds=1)
+    zeros = jnp.zeros((1, n), jnp.int32)
+    return stream_major_canvas(zeros, zeros[None], jnp.arange(n)[None], zeros, layout), layout
+
+
+def nonempty_fraction(canvas: canvas_lib.Canvas, tile: int) -> float:
+    table = np.asarray(tiles.tile_schedule(canvas, q_tile=tile, kv_tile=tile).table)
+    return float((table != canvas_lib.TILE_EMPTY).mean())
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile + warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def jax_runners(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, n: int,
+                block_size: int) -> dict[str, Callable[[], Any]]:
+    layout = None
+    if impl == "splash":
+        canvas, layout = stream_major(n, block_size)
+    else:
+        canvas = two_stream(n, block_size)
+
+    def forward(q, k, v):
+        return attention(q, k, v, q_canvas=canvas, impl=impl, layout=layout)
+
+    fwd = jax.jit(forward)
+    fwd_bwd = jax.jit(jax.grad(lambda q, k, v: forward(q, k, v).astype(jnp.float32).sum(),
+                               argnums=(0, 1, 2)))
+    return {"fwd": lambda: fwd(q, k, v), "fwd_bwd": lambda: fwd_bwd(q, k, v)}
+
+
+def flex_runners(q: jax.Array, k: jax.Array, v: jax.Array, n: int,
+                 block_size: int) -> dict[str, Callable[[], Any]]:
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # the same two-stream mask as canvas.visible
+        q_noisy, kv_noisy = q_idx < n, kv_idx < n
+        q_block, kv_block = (q_idx % n) // block_size, (kv_idx % n) // block_size
+        return ((q_noisy & kv_noisy & (q_block == kv_block))
+                | (q_noisy & ~kv_noisy & (kv_block < q_block))
+                | (~q_noisy & ~kv_noisy & (kv_block <= q_block)))
+
+    length = 2 * n
+    block_mask = create_block_mask(mask_mod, None, None, length, length, device="cpu")
+    dtype = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16}[q.dtype]
+    tq, tk, tv = (torch.from_numpy(np.asarray(x, np.float32)).to(dtype).transpose(1, 2).contiguous()
+                  for x in (q, k, v))
+    compiled = torch.compile(flex_attention)
+
+    def fwd():
+        with torch.no_grad():
+            return compiled(tq, tk, tv, block_mask=block_mask, enable_gqa=True)
+
+    return {"fwd": fwd}
+
+
+def fits_in_memory(impl: str, length: int, heads: int) -> bool:
+    """The dense reference keeps fp32 scores and probabilities ``[H, 2n, 2n]`` (about 3 copies)."""
+    if impl != "reference":
+        return True
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if jax.default_backend() != "cpu":
+        total = jax.devices()[0].memory_stats().get("bytes_limit", total)
+    return 3 * heads * length * length * 4 < 0.8 * total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=4)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--impls", nargs="+", default=None,
+                        help="default: reference + every implementation this platform runs")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None, help="write the records to this JSON file")
+    args = parser.parse_args()
+
+    backend = jax.default_backend()
+    impls = args.impls or PLATFORM_IMPLS.get(backend, ["reference", "tiled"])
+    device = f"{backend}: {jax.devices()[0].device_kind} ({os.cpu_count()} host cores)"
+    print(f"device {device}; H={args.heads} KV={args.kv_heads} D={args.head_dim} "
+          f"B={args.block_size} {args.dtype}")
+    dtype = jnp.dtype(args.dtype)
+    records: list[dict[str, Any]] = []
+    header = f"{'impl':>12} {'2n':>6} {'pass':>8} {'seconds':>10} {'tiles':>6} {'eff GFLOP/s':>12}"
+    print(header)
+    print("-" * len(header))
+    for length in args.seq_lens:
+        if length % 2:
+            raise SystemExit(f"--seq-lens: {length} is not even (2n)")
+        n = length // 2
+        rng = np.random.default_rng(length)
+        q = jnp.asarray(rng.standard_normal((1, length, args.heads, args.head_dim)), dtype)
+        k = jnp.asarray(rng.standard_normal((1, length, args.kv_heads, args.head_dim)), dtype)
+        v = jnp.asarray(rng.standard_normal((1, length, args.kv_heads, args.head_dim)), dtype)
+        tile = DEFAULT_TILE["tiled"]
+        fraction = nonempty_fraction(two_stream(n, args.block_size), tile)
+        fwd_flops = 4 * args.heads * args.head_dim * length * length * fraction
+        for impl in impls:
+            if not fits_in_memory(impl, length, args.heads):
+                print(f"{impl:>12} {length:>6}  skipped: dense scores would not fit in memory")
+                continue
+            if impl == "flex_torch":
+                runners = flex_runners(q, k, v, n, args.block_size)
+            else:
+                resolve_impl(impl)  # validates the name
+                runners = jax_runners(impl, q, k, v, n, args.block_size)
+            for pass_name, run in runners.items():
+                seconds = median_seconds(run, args.repeats)
+                flops = fwd_flops * (BACKWARD_FACTOR if pass_name == "fwd_bwd" else 1.0)
+                records.append({"impl": impl, "seq_len": length, "pass": pass_name,
+                                "seconds": seconds, "nonempty_tile_fraction": fraction,
+                                "effective_flops_per_s": flops / seconds, "heads": args.heads,
+                                "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+                                "block_size": args.block_size, "dtype": args.dtype,
+                                "device": device, "host": platform.node()})
+                print(f"{impl:>12} {length:>6} {pass_name:>8} {seconds:>10.4f} {fraction:>6.3f} "
+                      f"{flops / seconds / 1e9:>12.1f}", flush=True)
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(records, f, indent=1)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
