@@ -16,10 +16,12 @@ kernel masks are all derived from it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 Array = Any  # jax.Array or np.ndarray
@@ -120,50 +122,103 @@ def block_causal_canvas(tokens: Array, positions: Array, segment_ids: Array,
                   block_ids=positions // block_size)
 
 
-def segment_runs(segment_ids: Array) -> tuple[jax.Array, jax.Array]:
-    """For each token, the start index and length of the run of equal segment ids it lies in."""
-    seg = jnp.asarray(segment_ids)
-    length = seg.shape[-1]
-    index = jnp.broadcast_to(jnp.arange(length), seg.shape)
-    is_start = jnp.concatenate(
-        [jnp.ones_like(seg[..., :1], bool), seg[..., 1:] != seg[..., :-1]], axis=-1)
-    run_start = jax.lax.cummax(jnp.where(is_start, index, 0), axis=seg.ndim - 1)
-    starts_or_end = jnp.where(is_start, index, length)
-    next_start = jnp.concatenate(
-        [jax.lax.cummin(starts_or_end, axis=seg.ndim - 1, reverse=True)[..., 1:],
-         jnp.full_like(seg[..., :1], length)], axis=-1)
-    return run_start, next_start - run_start
+@dataclasses.dataclass(frozen=True)
+class StreamMajorLayout:
+    """Static shape of stream-major canvas rows, length ``(rounds + 1) * part_length``::
+
+        [noisy round 1 (N) | ... | noisy round R (N) | clean (N)]
+
+    Every part holds the packed samples at the same offsets. ``R = 1`` is the SFT two-stream
+    layout, ``R > 1`` the multi-round DiPO layout, ``R = 0`` block-causal. When every sample
+    starts at a multiple of ``block_size`` (and stays inside one ``slot`` when that is set), the
+    mask of such a canvas is :meth:`visible` on canvas indices AND segment equality: a static
+    mask, which is what TPU Splash kernels need.
+
+    Attributes:
+      part_length: ``N``, the length of every part (a multiple of ``block_size``).
+      block_size: ``B``, the diffusion block size.
+      rounds: ``R``, the number of noisy copies.
+      slot: optional fixed packing window (a multiple of ``block_size`` dividing
+        ``part_length``); samples never cross one, so cross-window tiles are statically empty.
+    """
+
+    part_length: int
+    block_size: int
+    rounds: int = 1
+    slot: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.part_length < 1 or self.part_length % self.block_size:
+            raise ValueError(f"part_length ({self.part_length}) must be a positive multiple of "
+                             f"block_size ({self.block_size})")
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.slot is not None and (self.slot < 1 or self.slot % self.block_size
+                                      or self.part_length % self.slot):
+            raise ValueError(f"slot ({self.slot}) must be a positive multiple of block_size "
+                             f"({self.block_size}) dividing part_length ({self.part_length})")
+
+    @property
+    def length(self) -> int:
+        """The canvas length ``T = (rounds + 1) * part_length``."""
+        return (self.rounds + 1) * self.part_length
+
+    def visible(self, q_ids: Array, kv_ids: Array) -> Array:
+        """The static mask at canvas indices (NumPy on the host, ``jnp`` inside kernels): a query
+        sees its own block of its own part, and clean keys of strictly earlier blocks."""
+        n, b = self.part_length, self.block_size
+        clean_start = self.rounds * n
+        same_block = q_ids // b == kv_ids // b
+        clean_prefix = (kv_ids >= clean_start) & ((kv_ids - clean_start) // b < (q_ids % n) // b)
+        keep = same_block | clean_prefix
+        if self.slot is not None:
+            keep = keep & ((q_ids % n) // self.slot == (kv_ids % n) // self.slot)
+        return keep
+
+
+def stream_major_canvas(clean_tokens: Array, noisy_tokens_per_round: Array, positions: Array,
+                        segment_ids: Array, block_size: int) -> Canvas:
+    """Rows ``[noisy round 1 | ... | noisy round R | clean]`` of length ``(R + 1) * N``.
+
+    Args:
+      clean_tokens: ``[batch, N]`` token ids of the packed samples.
+      noisy_tokens_per_round: ``[R, batch, N]``, the noisy copy of every round (stream ``r + 1``
+        holds round ``r``).
+      positions: ``[batch, N]``, restarting at 0 in every sample.
+      segment_ids: ``[batch, N]`` sample ids, ``-1`` for padding (which stays padding).
+      block_size: the diffusion block size.
+    """
+    clean_tokens = jnp.asarray(clean_tokens, jnp.int32)
+    noisy = jnp.asarray(noisy_tokens_per_round, jnp.int32)
+    batch, n = clean_tokens.shape
+    if noisy.ndim != 3 or noisy.shape[1:] != (batch, n):
+        raise ValueError(f"noisy_tokens_per_round must be shaped (rounds, {batch}, {n}), "
+                         f"got {noisy.shape}")
+    positions = jnp.asarray(positions, jnp.int32)
+    parts = noisy.shape[0] + 1
+
+    def tile(x: Array) -> jax.Array:
+        return jnp.tile(jnp.asarray(x, jnp.int32), (1, parts))
+
+    streams = np.repeat(np.r_[np.arange(1, parts), CLEAN_STREAM], n).astype(np.int32)
+    return Canvas(tokens=jnp.concatenate([*noisy, clean_tokens], axis=1),
+                  positions=tile(positions), segment_ids=tile(segment_ids),
+                  stream_ids=jnp.broadcast_to(streams, (batch, parts * n)),
+                  block_ids=tile(positions // block_size))
 
 
 def two_stream_canvas(clean_tokens: Array, noisy_tokens: Array, positions: Array,
                       segment_ids: Array, block_size: int) -> tuple[Canvas, jax.Array]:
-    """The SFT layout ``[noisy seg1 | clean seg1 | noisy seg2 | clean seg2 | ...]`` (length 2L).
+    """The SFT canvas ``[noisy copies | clean copies]`` (length 2L) of packed rows ``[batch, L]``.
 
-    Segments are the runs of equal ``segment_ids`` (packed samples must be contiguous); both
-    copies of a segment share its positions (0..n-1). Returns the canvas and ``noisy_slot``
-    ``[batch, L]``: where each input token's noisy copy sits on the canvas (its clean copy sits
-    ``run_length`` slots later).
+    Each packed sample gets DiRL's ``[noisy | clean]`` mask through its segment id; the
+    stream-major order keeps the canvas a :class:`StreamMajorLayout` (``rounds=1``) so TPU
+    Splash kernels apply. Returns the canvas and ``noisy_slot [batch, L]``, where each input
+    token's noisy copy sits (its clean copy sits ``L`` slots later).
     """
-    clean_tokens = jnp.asarray(clean_tokens, jnp.int32)
-    batch, length = clean_tokens.shape
-    positions = jnp.asarray(positions, jnp.int32)
-    segment_ids = jnp.asarray(segment_ids, jnp.int32)
-    run_start, run_length = segment_runs(segment_ids)
-    offset = jnp.arange(length)[None, :] - run_start
-    noisy_slot = 2 * run_start + offset
-    clean_slot = noisy_slot + run_length
-    rows = jnp.arange(batch)[:, None]
-
-    def lay_out(noisy_value: Array, clean_value: Array) -> jax.Array:
-        out = jnp.zeros((batch, 2 * length), jnp.int32)
-        return out.at[rows, noisy_slot].set(noisy_value).at[rows, clean_slot].set(clean_value)
-
-    canvas = Canvas(
-        tokens=lay_out(jnp.asarray(noisy_tokens, jnp.int32), clean_tokens),
-        positions=lay_out(positions, positions),
-        segment_ids=lay_out(segment_ids, segment_ids),
-        stream_ids=lay_out(jnp.full_like(positions, NOISY_STREAM),
-                           jnp.full_like(positions, CLEAN_STREAM)),
-        block_ids=lay_out(positions // block_size, positions // block_size),
-    )
-    return canvas, noisy_slot
+    canvas = stream_major_canvas(clean_tokens, jnp.asarray(noisy_tokens)[None], positions,
+                                 segment_ids, block_size)
+    batch, length = jnp.shape(clean_tokens)
+    return canvas, jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))

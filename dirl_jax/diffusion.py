@@ -103,7 +103,8 @@ class LossParts(NamedTuple):
 
 
 def sft_loss_parts(model, batch: dict[str, jax.Array], row_keys: jax.Array, *, block_size: int,
-                   mask_token_id: int, eps: float, chunk: int, attn_impl: str = "auto") -> LossParts:
+                   mask_token_id: int, eps: float, chunk: int, attn_impl: str = "auto",
+                   block_aligned: bool = False) -> LossParts:
     """Numerator and denominator of the SFT loss ``sum_masked CE/p / N_supervised`` for a batch
     noised with one key per row.
 
@@ -113,17 +114,25 @@ def sft_loss_parts(model, batch: dict[str, jax.Array], row_keys: jax.Array, *, b
     noised = noise_batch(row_keys, batch["tokens"], batch["labels"], batch["segment_ids"],
                          mask_token_id=mask_token_id, eps=eps)
     return masked_loss_parts(model, batch, noised, block_size=block_size, chunk=chunk,
-                             attn_impl=attn_impl)
+                             attn_impl=attn_impl, block_aligned=block_aligned)
 
 
 def masked_loss_parts(model, batch: dict[str, jax.Array], noised: Noised, *, block_size: int,
-                      chunk: int, attn_impl: str = "auto") -> LossParts:
+                      chunk: int, attn_impl: str = "auto", block_aligned: bool = False) -> LossParts:
     """The loss parts for given masks and probabilities: a two-stream forward, then the
-    1/p-weighted cross-entropy at the masked noisy positions (no label shift)."""
+    1/p-weighted cross-entropy at the masked noisy positions (no label shift).
+
+    ``block_aligned`` promises that every packed sample starts at a multiple of ``block_size``
+    (the SFT packer guarantees it); the canvas is then a static
+    :class:`~dirl_jax.canvas.StreamMajorLayout` and ``auto`` may run Splash on TPU.
+    """
     tokens, labels = batch["tokens"], batch["labels"]
     canvas, noisy_slot = canvas_lib.two_stream_canvas(
         tokens, noised.noisy_tokens, batch["positions"], batch["segment_ids"], block_size)
-    hidden = model.hidden_states(canvas=canvas, attn_impl=attn_impl)
+    layout = None
+    if block_aligned and tokens.shape[1] % block_size == 0:
+        layout = canvas_lib.StreamMajorLayout(tokens.shape[1], block_size, rounds=1)
+    hidden = model.hidden_states(canvas=canvas, attn_impl=attn_impl, attn_layout=layout)
     hidden_noisy = jnp.take_along_axis(hidden, noisy_slot[..., None], axis=1)
     weights = jnp.where(noised.masked, 1.0 / noised.p, 0.0)
     ce = chunked_weighted_cross_entropy(

@@ -89,7 +89,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
     loss_parts = functools.partial(
         diffusion.sft_loss_parts, block_size=config.diffusion.block_size,
         mask_token_id=model_config.mask_token_id, eps=config.diffusion.eps,
-        chunk=config.diffusion.loss_chunk, attn_impl=config.model.attention_impl)
+        chunk=config.diffusion.loss_chunk, attn_impl=config.model.attention_impl,
+        block_aligned=True)  # samples are padded to whole blocks before packing
     schedule = learning_rate_schedule(config.train)
 
     def numerator(params, micro_batch, row_keys):

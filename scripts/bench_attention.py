@@ -40,13 +40,6 @@ def two_stream(n: int, block_size: int) -> canvas_lib.Canvas:
     return canvas_lib.two_stream_canvas(zeros, zeros, positions, zeros, block_size)[0]
 
 
-def stream_major(n: int, block_size: int) -> tuple[canvas_lib.Canvas, Any]:
-    from dirl_jax.attention.splash import StreamMajorLayout, stream_major_canvas
-    layout = StreamMajorLayout(part_length=n, block_size=block_size, rounds=1)
-    zeros = jnp.zeros((1, n), jnp.int32)
-    return stream_major_canvas(zeros, zeros[None], jnp.arange(n)[None], zeros, layout), layout
-
-
 def nonempty_fraction(canvas: canvas_lib.Canvas, tile: int) -> float:
     table = np.asarray(tiles.tile_schedule(canvas, q_tile=tile, kv_tile=tile).table)
     return float((table != canvas_lib.TILE_EMPTY).mean())
@@ -64,11 +57,8 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 def jax_runners(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, n: int,
                 block_size: int) -> dict[str, Callable[[], Any]]:
-    layout = None
-    if impl == "splash":
-        canvas, layout = stream_major(n, block_size)
-    else:
-        canvas = two_stream(n, block_size)
+    canvas = two_stream(n, block_size)
+    layout = canvas_lib.StreamMajorLayout(n, block_size, rounds=1) if impl == "splash" else None
 
     def forward(q, k, v):
         return attention(q, k, v, q_canvas=canvas, impl=impl, layout=layout)

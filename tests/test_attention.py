@@ -179,8 +179,33 @@ def test_auto_resolves_by_platform():
     assert resolve_impl("auto", platform="cpu") == "tiled"
     assert resolve_impl("auto", platform="gpu") == "pallas_gpu"
     assert resolve_impl("auto", platform="tpu") == "tiled"
-    assert resolve_impl("auto", platform="tpu", layout=object()) == "splash"
+    assert resolve_impl("auto", platform="tpu",
+                        layout=canvas_lib.StreamMajorLayout(64, 4, rounds=1)) == "splash"
+    # Splash tiles are 128 long: other canvas lengths fall back to the tiled path.
+    assert resolve_impl("auto", platform="tpu",
+                        layout=canvas_lib.StreamMajorLayout(40, 4, rounds=1)) == "tiled"
     assert resolve_impl("auto", has_mask=True, platform="gpu") == "reference"
     x = jnp.zeros((1, 2, 2, 4))
     with pytest.raises(ValueError, match="needs canvases"):
         attention(x, x, x, mask=jnp.ones((1, 2, 2), bool), impl="tiled")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
+def test_model_runs_every_kernel_through_the_dispatch(seed, impl):
+    """The SFT forward with each accelerator kernel (interpreted on CPU) equals the reference."""
+    from conftest import random_model, tiny_config
+    rng = np.random.default_rng(seed)
+    config = tiny_config(heads=4, kv_heads=2, head_dim=16, block_size=4)
+    model = random_model(config, seed)
+    length = 64
+    tokens = rng.integers(0, config.vocab_size, (2, length))
+    noisy = np.where(rng.random(tokens.shape) < 0.5, config.mask_token_id, tokens)
+    segment_ids = np.repeat([[0] * 24 + [1] * 36 + [-1] * 4], 2, axis=0)
+    positions = np.where(segment_ids == 1, np.arange(length) - 24, np.arange(length))
+    canvas, _ = canvas_lib.two_stream_canvas(tokens, noisy, positions, segment_ids, 4)
+    layout = canvas_lib.StreamMajorLayout(length, 4, rounds=1)
+    real = np.asarray(canvas.segment_ids) >= 0
+    got = np.asarray(model(canvas=canvas, attn_impl=impl, attn_layout=layout))[real]
+    want = np.asarray(model(canvas=canvas, attn_impl="reference"))[real]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

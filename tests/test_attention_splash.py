@@ -11,8 +11,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from dirl_jax import canvas as canvas_lib
 from dirl_jax.attention.reference import reference_attention
-from dirl_jax.attention.splash import (StreamMajorLayout, StreamMajorMask, splash_attention,
-                                       splash_kernel, stream_major_canvas)
+from dirl_jax.attention.splash import StreamMajorMask, splash_attention, splash_kernel
+from dirl_jax.canvas import StreamMajorLayout, stream_major_canvas
 
 
 def packed_rows(rng: np.random.Generator, batch: int, layout: StreamMajorLayout,
@@ -47,7 +47,7 @@ def random_canvas(rng: np.random.Generator, batch: int, layout: StreamMajorLayou
     n = layout.part_length
     return stream_major_canvas(rng.integers(0, 50, (batch, n)),
                                rng.integers(0, 50, (layout.rounds, batch, n)),
-                               positions, segments, layout)
+                               positions, segments, layout.block_size)
 
 
 def random_qkv(rng: np.random.Generator, batch: int, length: int, heads: int, kv_heads: int,

@@ -22,13 +22,15 @@ def spec_block_diff_mask(n: int, block_size: int) -> np.ndarray:
 
 
 def spec_row_mask(lengths: list[int], pad: int, block_size: int) -> np.ndarray:
-    """Block-diagonal over segments; the trailing padding (2*pad slots) sees nothing."""
-    total = 2 * (sum(lengths) + pad)
-    mask = np.zeros((total, total), bool)
+    """The stream-major row ``[noisy copies of all tokens | clean copies]``: every segment's
+    noisy and clean slots form the original's per-segment mask; padding sees nothing."""
+    length = sum(lengths) + pad
+    mask = np.zeros((2 * length, 2 * length), bool)
     start = 0
     for n in lengths:
-        mask[start:start + 2 * n, start:start + 2 * n] = spec_block_diff_mask(n, block_size)
-        start += 2 * n
+        slots = np.r_[start:start + n, length + start:length + start + n]
+        mask[np.ix_(slots, slots)] = spec_block_diff_mask(n, block_size)
+        start += n
     return mask
 
 
@@ -58,16 +60,12 @@ def test_two_stream_mask_matches_spec(lengths, pad, block_size, seed):
         clean[None], noisy[None], positions[None], segment_ids[None], block_size)
     np.testing.assert_array_equal(canvas_lib.dense_mask(canvas)[0],
                                   spec_row_mask(lengths, pad, block_size))
-    # Layout: [noisy seg | clean seg] per segment, both copies at positions 0..n-1.
+    # Layout: [noisy copies | clean copies], both at the tokens' own positions.
     tokens, pos = np.asarray(canvas.tokens[0]), np.asarray(canvas.positions[0])
-    start = 0
-    for n in lengths + ([pad] if pad else []):
-        src = slice(start // 2, start // 2 + n)
-        np.testing.assert_array_equal(tokens[start:start + n], noisy[src])
-        np.testing.assert_array_equal(tokens[start + n:start + 2 * n], clean[src])
-        np.testing.assert_array_equal(pos[start:start + n], positions[src])
-        np.testing.assert_array_equal(pos[start + n:start + 2 * n], positions[src])
-        start += 2 * n
+    length = len(clean)
+    np.testing.assert_array_equal(tokens[:length], noisy)
+    np.testing.assert_array_equal(tokens[length:], clean)
+    np.testing.assert_array_equal(pos, np.r_[positions, positions])
     np.testing.assert_array_equal(tokens[np.asarray(noisy_slot[0])], noisy)
 
 

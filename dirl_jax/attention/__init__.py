@@ -7,7 +7,8 @@ impl           what                                                             
 ``tiled``      pure-JAX block-sparse flash attention over the exact tile schedule   any
 ``splash``     jax's Splash kernel with a static stream-major mask (needs layout)   TPU
 ``pallas_gpu`` Pallas/Triton block-sparse flash attention over the tile schedule    GPU
-``auto``       ``splash`` on TPU when a layout is given, ``pallas_gpu`` on GPU,
+``auto``       ``splash`` on TPU when a layout of a length divisible by 128 is given,
+               ``pallas_gpu`` on GPU,
                ``tiled`` elsewhere; ``reference`` for an explicit mask
 =============  ===================================================================  ==========
 """
@@ -25,6 +26,7 @@ from dirl_jax.attention.tiled import tiled_attention
 
 IMPLEMENTATIONS = ("auto", "reference", "tiled", "splash", "pallas_gpu")
 DEFAULT_TILE = {"tiled": 128, "pallas_gpu": 64}
+SPLASH_BLOCK = 128  # Splash tiles; canvases of other lengths run ``tiled`` under ``auto``
 
 
 def resolve_impl(impl: str, *, has_mask: bool = False, layout: Any = None,
@@ -37,7 +39,7 @@ def resolve_impl(impl: str, *, has_mask: bool = False, layout: Any = None,
     if has_mask:
         return "reference"
     platform = platform or jax.default_backend()
-    if platform == "tpu" and layout is not None:
+    if platform == "tpu" and layout is not None and layout.length % SPLASH_BLOCK == 0:
         return "splash"
     if platform in ("gpu", "cuda", "rocm"):
         return "pallas_gpu"
@@ -45,8 +47,8 @@ def resolve_impl(impl: str, *, has_mask: bool = False, layout: Any = None,
 
 
 def _tile_for(length: int, tile: int) -> int:
-    """The largest power of two up to ``tile`` that a short sequence needs (at least 8)."""
-    size = 8
+    """The largest power of two up to ``tile`` that a short sequence needs (at least 16)."""
+    size = 16
     while size < min(length, tile):
         size *= 2
     return size
@@ -96,17 +98,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if impl == "tiled":
         return _block_sparse(tiled_attention, q, k, v, q_canvas, kv_canvas,
                              tile or DEFAULT_TILE["tiled"], scale=scale)
-    if impl == "pallas_gpu":
+    backend = jax.default_backend()
+    if impl == "pallas_gpu":  # interpreted (slowly) where there is no GPU: tests, CPU debugging
         from dirl_jax.attention.pallas_gpu import pallas_gpu_attention
         return _block_sparse(pallas_gpu_attention, q, k, v, q_canvas, kv_canvas,
-                             tile or DEFAULT_TILE["pallas_gpu"], scale=scale)
+                             tile or DEFAULT_TILE["pallas_gpu"], scale=scale,
+                             interpret=backend not in ("gpu", "cuda", "rocm"))
     from dirl_jax.attention.splash import splash_attention
     if layout is None:
         raise ValueError("attention impl 'splash' needs `layout` (a StreamMajorLayout of the canvas)")
     if kv_canvas is not q_canvas:
         raise ValueError("attention impl 'splash' is self-attention over one canvas; use 'tiled' "
                          "with a KV cache")
-    return splash_attention(q, k, v, q_canvas.segment_ids, layout)
+    if scale is not None:
+        raise ValueError("attention impl 'splash' uses the default head_dim ** -0.5 scale")
+    return splash_attention(q, k, v, q_canvas.segment_ids, layout, interpret=backend != "tpu")
 
 
 __all__ = ["IMPLEMENTATIONS", "attention", "reference_attention", "resolve_impl",

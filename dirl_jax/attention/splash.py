@@ -22,70 +22,17 @@ canvas built by :func:`stream_major_canvas`. Segment ids skip no tiles; fixed-si
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from dirl_jax import canvas as canvas_lib
-from dirl_jax.canvas import Canvas
-
-Array = Any  # jax.Array or np.ndarray
+from dirl_jax.canvas import StreamMajorLayout
 
 # Splash needs block_q % 128 == 0 with segment ids (dkv kernel) and block_kv_compute % 128 == 0.
 _BLOCK_MULTIPLE = 128
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamMajorLayout:
-    """Static shape of a stream-major canvas row of length ``(rounds + 1) * part_length``.
-
-    Attributes:
-      part_length: ``N``, the length of every stream part (a multiple of ``block_size``).
-      block_size: ``B``, the diffusion block size.
-      rounds: ``R``, the number of noisy copies (0: clean only, 1: SFT, >1: DiPO rounds).
-      slot: optional fixed packing window (a multiple of ``block_size`` dividing
-        ``part_length``); samples never cross a window, so cross-window tiles are skipped.
-    """
-
-    part_length: int
-    block_size: int
-    rounds: int = 1
-    slot: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if self.part_length < 1 or self.part_length % self.block_size:
-            raise ValueError(f"part_length ({self.part_length}) must be a positive multiple of "
-                             f"block_size ({self.block_size})")
-        if self.rounds < 0:
-            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
-        if self.slot is not None and (self.slot < 1 or self.slot % self.block_size
-                                      or self.part_length % self.slot):
-            raise ValueError(f"slot ({self.slot}) must be a positive multiple of block_size "
-                             f"({self.block_size}) dividing part_length ({self.part_length})")
-
-    @property
-    def length(self) -> int:
-        """The canvas length ``T = (rounds + 1) * part_length``."""
-        return (self.rounds + 1) * self.part_length
-
-    def visible(self, q_ids: Array, kv_ids: Array) -> Array:
-        """The static mask at canvas indices (NumPy on the host, ``jnp`` inside the kernel)."""
-        n, b = self.part_length, self.block_size
-        clean_start = self.rounds * n
-        same_block = q_ids // b == kv_ids // b
-        clean_prefix = (kv_ids >= clean_start) & ((kv_ids - clean_start) // b < (q_ids % n) // b)
-        keep = same_block | clean_prefix
-        if self.slot is not None:
-            keep = keep & ((q_ids % n) // self.slot == (kv_ids % n) // self.slot)
-        return keep
 
 
 class StreamMajorMask(splash_mask._ComputableMask):  # pylint: disable=protected-access
@@ -102,42 +49,6 @@ class StreamMajorMask(splash_mask._ComputableMask):  # pylint: disable=protected
 
     def __hash__(self) -> int:
         return hash((type(self), self.layout))
-
-
-def stream_major_canvas(clean_tokens: Array, noisy_tokens_per_round: Array, positions: Array,
-                        segment_ids: Array, layout: StreamMajorLayout) -> Canvas:
-    """The stream-major canvas ``[batch, (R + 1) * N]`` of packed rows.
-
-    Args:
-      clean_tokens: ``[batch, N]`` token ids of the packed samples.
-      noisy_tokens_per_round: ``[R, batch, N]`` the noisy copy of every round (noisy stream
-        ``r + 1`` holds round ``r``).
-      positions: ``[batch, N]`` positions, restarting at 0 in every sample; every sample starts at
-        a multiple of ``layout.block_size`` (and, with ``layout.slot``, stays inside one slot).
-      segment_ids: ``[batch, N]`` sample ids, ``-1`` for padding (which stays padding).
-      layout: the static layout; ``N == layout.part_length`` and ``R == layout.rounds``.
-    """
-    clean_tokens = jnp.asarray(clean_tokens, jnp.int32)
-    noisy = jnp.asarray(noisy_tokens_per_round, jnp.int32)
-    batch, n = clean_tokens.shape
-    if n != layout.part_length:
-        raise ValueError(f"part_length is {layout.part_length} but the inputs have length {n}")
-    if noisy.shape != (layout.rounds, batch, n):
-        raise ValueError(f"noisy_tokens_per_round must be shaped {(layout.rounds, batch, n)} "
-                         f"(rounds, batch, N), got {noisy.shape}")
-    positions = jnp.asarray(positions, jnp.int32)
-    segment_ids = jnp.asarray(segment_ids, jnp.int32)
-    parts = layout.rounds + 1
-
-    def tile(x: jax.Array) -> jax.Array:
-        return jnp.tile(x, (1, parts))
-
-    streams = np.repeat(np.r_[np.arange(1, parts), canvas_lib.CLEAN_STREAM], n).astype(np.int32)
-    return Canvas(tokens=jnp.concatenate([*noisy, clean_tokens], axis=1),
-                  positions=tile(positions),
-                  segment_ids=tile(segment_ids),
-                  stream_ids=jnp.broadcast_to(streams, (batch, parts * n)),
-                  block_ids=tile(positions // layout.block_size))
 
 
 @functools.lru_cache(maxsize=64)
@@ -202,5 +113,4 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     return jnp.where((segment_ids >= 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
-__all__ = ["StreamMajorLayout", "StreamMajorMask", "splash_attention", "splash_kernel",
-           "stream_major_canvas"]
+__all__ = ["StreamMajorMask", "splash_attention", "splash_kernel"]

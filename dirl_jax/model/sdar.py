@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dirl_jax import attention as attention_lib
-from dirl_jax.canvas import Canvas
+from dirl_jax.canvas import Canvas, StreamMajorLayout
 from dirl_jax.model.config import SDARConfig
 
 Dtype = Any
@@ -88,13 +88,14 @@ class Attention(nnx.Module):
         self.head_dim = c.head_dim
 
     def __call__(self, x_BTE: jax.Array, rope: tuple[jax.Array, jax.Array], *,
-                 canvas: Canvas | None, mask: jax.Array | None, impl: str) -> jax.Array:
+                 canvas: Canvas | None, mask: jax.Array | None, impl: str,
+                 layout: StreamMajorLayout | None) -> jax.Array:
         batch, length, _ = x_BTE.shape
         q = self.q_norm(self.q_proj(x_BTE).reshape(batch, length, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = attention_lib.attention(q, k, v, q_canvas=canvas, mask=mask, impl=impl)
+        out = attention_lib.attention(q, k, v, q_canvas=canvas, mask=mask, impl=impl, layout=layout)
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -122,8 +123,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs=rngs, **kw)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], *,
-                 canvas: Canvas | None, mask: jax.Array | None, impl: str) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), rope, canvas=canvas, mask=mask, impl=impl)
+                 canvas: Canvas | None, mask: jax.Array | None, impl: str,
+                 layout: StreamMajorLayout | None) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), rope, canvas=canvas, mask=mask, impl=impl,
+                               layout=layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -164,18 +167,22 @@ class SDARForCausalLM(nnx.Module):
 
     def __call__(self, input_ids: jax.Array | None = None, positions: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, *, canvas: Canvas | None = None,
-                 attn_impl: str = "auto") -> jax.Array:
+                 attn_impl: str = "auto", attn_layout: StreamMajorLayout | None = None) -> jax.Array:
         """Logits ``[B, T, vocab]``.
 
         Either ``input_ids``/``positions`` with a dense ``attention_mask bool[B,T,T]`` (research and
         tests), or a ``canvas`` whose tags define the mask (the path the trainers use).
+        ``attn_impl`` names a :mod:`dirl_jax.attention` implementation; ``attn_layout``, the
+        static layout of a stream-major canvas, lets ``auto`` pick Splash on TPU.
         """
         return self.logits(self.hidden_states(input_ids, positions, attention_mask,
-                                              canvas=canvas, attn_impl=attn_impl))
+                                              canvas=canvas, attn_impl=attn_impl,
+                                              attn_layout=attn_layout))
 
     def hidden_states(self, input_ids: jax.Array | None = None, positions: jax.Array | None = None,
                       attention_mask: jax.Array | None = None, *, canvas: Canvas | None = None,
-                      attn_impl: str = "auto") -> jax.Array:
+                      attn_impl: str = "auto", attn_layout: StreamMajorLayout | None = None
+                      ) -> jax.Array:
         """Final-norm hidden states ``[B, T, hidden]`` (feed :meth:`logits` in chunks for big vocabularies)."""
         if canvas is not None:
             if input_ids is not None or attention_mask is not None:
@@ -187,9 +194,9 @@ class SDARForCausalLM(nnx.Module):
         x = self.model.embed_tokens(input_ids)
         run_layer: Callable[..., jax.Array] = _run_layer
         if self.remat:
-            run_layer = nnx.remat(_run_layer, static_argnums=(5,))
+            run_layer = nnx.remat(_run_layer, static_argnums=(5, 6))
         for layer in self.model.layers:
-            x = run_layer(layer, x, rope, canvas, attention_mask, attn_impl)
+            x = run_layer(layer, x, rope, canvas, attention_mask, attn_impl, attn_layout)
         return self.model.norm(x)
 
     def output_embedding(self) -> jax.Array:
@@ -204,5 +211,6 @@ class SDARForCausalLM(nnx.Module):
 
 
 def _run_layer(layer: DecoderLayer, x: jax.Array, rope: tuple[jax.Array, jax.Array],
-               canvas: Canvas | None, mask: jax.Array | None, impl: str) -> jax.Array:
-    return layer(x, rope, canvas=canvas, mask=mask, impl=impl)
+               canvas: Canvas | None, mask: jax.Array | None, impl: str,
+               layout: StreamMajorLayout | None) -> jax.Array:
+    return layer(x, rope, canvas=canvas, mask=mask, impl=impl, layout=layout)
