@@ -3,9 +3,8 @@
 No KV cache and a host round trip per step, so it is slow; it is the readable reference that
 the compiled rollout engine is tested against, and a minimal decoder for small evaluations.
 Blocks are aligned to absolute position 0 (the prompt's partial last block is completed first);
-each step commits masked positions of the current block by greedy confidence:
-``low_confidence_static`` (top ``block_size // steps``) or ``low_confidence_dynamic`` (the most
-confident plus every one at or above ``threshold``). A sequence stops after the block in which a
+each step commits masked positions of the current block by greedy confidence with the rules of
+:mod:`dirl_jax.rollout.unmasking`. A sequence stops after the block in which a
 stop token or ``max_new_tokens`` is reached; the whole final block is returned.
 """
 
@@ -20,8 +19,7 @@ import numpy as np
 from flax import nnx
 
 from dirl_jax import canvas as canvas_lib
-
-STRATEGIES = ("low_confidence_static", "low_confidence_dynamic")
+from dirl_jax.rollout import unmasking
 
 
 @functools.partial(nnx.jit, static_argnames=("block_size",))
@@ -30,21 +28,6 @@ def _greedy_step(model, tokens: jax.Array, segment_ids: jax.Array, block_size: i
     canvas = canvas_lib.block_causal_canvas(tokens, positions, segment_ids, block_size)
     probs = jax.nn.softmax(model(canvas=canvas, attn_impl="reference").astype(jnp.float32), axis=-1)
     return jnp.argmax(probs, axis=-1), jnp.max(probs, axis=-1)
-
-
-def select_positions(confidence: np.ndarray, masked: np.ndarray, *, strategy: str,
-                     block_size: int, steps: int, threshold: float) -> np.ndarray:
-    """Which positions of one block to commit this step (bool ``[block_size]``)."""
-    score = np.where(masked, confidence, -np.inf)
-    order = np.argsort(-score, kind="stable")
-    chosen = np.zeros_like(masked)
-    if strategy == "low_confidence_static":
-        k = max(1, min(block_size // steps, block_size))
-        chosen[order[:min(k, int(masked.sum()))]] = True
-    else:
-        chosen[order[0]] = True
-        chosen |= masked & (confidence >= threshold)
-    return chosen & masked
 
 
 def naive_generate(model, prompts: Sequence[Sequence[int]], *, block_size: int, mask_token_id: int,
@@ -56,8 +39,8 @@ def naive_generate(model, prompts: Sequence[Sequence[int]], *, block_size: int, 
     Returns per prompt ``token_ids`` (generated tokens, whole blocks) and ``step_map`` (1-based
     index of the step that committed each token; tokens committed together share it).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
+    if strategy not in unmasking.STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(unmasking.STRATEGIES)}")
     steps = block_size if steps is None else steps
     batch = len(prompts)
     lengths = np.array([len(p) for p in prompts])
@@ -87,8 +70,9 @@ def naive_generate(model, prompts: Sequence[Sequence[int]], *, block_size: int, 
                                                           jnp.asarray(segment_ids), block_size))
         for i in np.flatnonzero(~done):
             span = slice(block[i] * block_size, end[i])
-            chosen = select_positions(confidence[i, span], masked[i, span], strategy=strategy,
-                                      block_size=block_size, steps=steps, threshold=threshold)
+            chosen = np.asarray(unmasking.select_positions(
+                confidence[i, span], masked[i, span], strategy=strategy, block_size=block_size,
+                steps=steps, threshold=threshold))
             steps_taken[i] += 1
             idx = np.flatnonzero(chosen) + block[i] * block_size
             tokens[i, idx] = sampled[i, idx]

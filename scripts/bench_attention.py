@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dirl_jax import canvas as canvas_lib
-from dirl_jax.attention import DEFAULT_TILE, attention, resolve_impl
+from dirl_jax.attention import DEFAULT_TILES, attention, resolve_impl
 from dirl_jax.attention import tiles
 
 PLATFORM_IMPLS = {"cpu": ["reference", "tiled", "flex_torch"], "gpu": ["reference", "tiled", "pallas_gpu"],
@@ -40,8 +40,8 @@ def two_stream(n: int, block_size: int) -> canvas_lib.Canvas:
     return canvas_lib.two_stream_canvas(zeros, zeros, positions, zeros, block_size)[0]
 
 
-def nonempty_fraction(canvas: canvas_lib.Canvas, tile: int) -> float:
-    table = np.asarray(tiles.tile_schedule(canvas, q_tile=tile, kv_tile=tile).table)
+def nonempty_fraction(canvas: canvas_lib.Canvas, tile: tuple[int, int]) -> float:
+    table = np.asarray(tiles.tile_schedule(canvas, q_tile=tile[0], kv_tile=tile[1]).table)
     return float((table != canvas_lib.TILE_EMPTY).mean())
 
 
@@ -86,7 +86,7 @@ def flex_runners(q: jax.Array, k: jax.Array, v: jax.Array, n: int,
     length = 2 * n
     block_mask = create_block_mask(mask_mod, None, None, length, length, device="cpu")
     dtype = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16}[q.dtype]
-    tq, tk, tv = (torch.from_numpy(np.asarray(x, np.float32)).to(dtype).transpose(1, 2).contiguous()
+    tq, tk, tv = (torch.from_numpy(np.array(x, np.float32)).to(dtype).transpose(1, 2).contiguous()
                   for x in (q, k, v))
     compiled = torch.compile(flex_attention)
 
@@ -139,7 +139,7 @@ def main() -> None:
         q = jnp.asarray(rng.standard_normal((1, length, args.heads, args.head_dim)), dtype)
         k = jnp.asarray(rng.standard_normal((1, length, args.kv_heads, args.head_dim)), dtype)
         v = jnp.asarray(rng.standard_normal((1, length, args.kv_heads, args.head_dim)), dtype)
-        tile = DEFAULT_TILE["tiled"]
+        tile = DEFAULT_TILES["tiled"]
         fraction = nonempty_fraction(two_stream(n, args.block_size), tile)
         fwd_flops = 4 * args.heads * args.head_dim * length * length * fraction
         for impl in impls:

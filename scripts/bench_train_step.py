@@ -37,7 +37,7 @@ CONFIGS = {
     "tiny": (dict(vocab_size=100, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32), 16, 128),
     "100m": (dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                  num_attention_heads=12, num_key_value_heads=4, head_dim=64), 1, 1024),
+                  num_attention_heads=12, num_key_value_heads=4, head_dim=64), 1, 512),
 }
 BLOCK_SIZE = 4
 LEARNING_RATE = 1e-4
@@ -109,7 +109,7 @@ def torch_step(model: SDARForCausalLM, config: SDARConfig, data: dict[str, Any])
     canvas, noisy_slot = canvas_lib.two_stream_canvas(batch["tokens"], noised.noisy_tokens,
                                                       batch["positions"], batch["segment_ids"],
                                                       BLOCK_SIZE)
-    mask = torch.from_numpy(np.asarray(canvas_lib.dense_mask(canvas)))
+    mask = torch.from_numpy(np.array(canvas_lib.dense_mask(canvas)))
     additive = torch.where(mask, 0.0, torch.finfo(torch.float32).min)[:, None]
     input_ids = torch.from_numpy(np.asarray(canvas.tokens)).long()
     position_ids = torch.from_numpy(np.asarray(canvas.positions)).long()

@@ -25,7 +25,8 @@ from dirl_jax.attention.reference import reference_attention
 from dirl_jax.attention.tiled import tiled_attention
 
 IMPLEMENTATIONS = ("auto", "reference", "tiled", "splash", "pallas_gpu")
-DEFAULT_TILE = {"tiled": 128, "pallas_gpu": 64}
+# (q_tile, kv_tile) per block-sparse impl; tiled's is the fastest measured on CPU (docs/PERFORMANCE.md).
+DEFAULT_TILES = {"tiled": (128, 256), "pallas_gpu": (64, 64)}
 SPLASH_BLOCK = 128  # Splash tiles; canvases of other lengths run ``tiled`` under ``auto``
 
 
@@ -55,11 +56,11 @@ def _tile_for(length: int, tile: int) -> int:
 
 
 def _block_sparse(kernel: Any, q: jax.Array, k: jax.Array, v: jax.Array,
-                  q_canvas: canvas_lib.Canvas, kv_canvas: canvas_lib.Canvas, tile: int,
-                  **kwargs: Any) -> jax.Array:
+                  q_canvas: canvas_lib.Canvas, kv_canvas: canvas_lib.Canvas,
+                  tile: tuple[int, int], **kwargs: Any) -> jax.Array:
     """Pads to whole tiles, builds the schedule on device, runs ``kernel``, slices the padding off."""
     q_len, kv_len = q.shape[1], k.shape[1]
-    q_tile, kv_tile = _tile_for(q_len, tile), _tile_for(kv_len, tile)
+    q_tile, kv_tile = _tile_for(q_len, tile[0]), _tile_for(kv_len, tile[1])
     q_pad, kv_pad = tiles.padded_length(q_len, q_tile), tiles.padded_length(kv_len, kv_tile)
     q_canvas, kv_canvas = tiles.pad_canvas(q_canvas, q_pad), tiles.pad_canvas(kv_canvas, kv_pad)
     schedule = tiles.tile_schedule(q_canvas, kv_canvas, q_tile=q_tile, kv_tile=kv_tile)
@@ -75,14 +76,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
               mask: jax.Array | None = None,
               impl: str = "auto",
               layout: Any = None,
-              tile: int | None = None,
+              tile: int | tuple[int, int] | None = None,
               scale: float | None = None) -> jax.Array:
     """Attention of ``q [B,T,H,D]`` over ``k, v [B,S,KV,D]`` (GQA: ``H`` a multiple of ``KV``).
 
     The visibility comes either from canvases (``q_canvas`` and, for a KV cache, ``kv_canvas``)
     through :func:`dirl_jax.canvas.visible`, or from an explicit boolean ``mask [B,T,S]``
     (reference only). ``layout`` is the static :class:`~dirl_jax.attention.splash.StreamMajorLayout`
-    of the canvas, required by ``splash``. ``tile`` overrides the block-sparse tile size.
+    of the canvas, required by ``splash``. ``tile`` overrides the block-sparse tile sizes
+    (one size or ``(q_tile, kv_tile)``; shorter sequences use smaller powers of two).
     Returns ``[B,T,H,D]`` in ``v.dtype``; a query that sees nothing gets zeros.
     """
     if (mask is None) == (q_canvas is None):
@@ -91,18 +93,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if mask is not None and impl != "reference":
         raise ValueError(f"attention impl {impl!r} needs canvases; an explicit mask runs on 'reference'")
     kv_canvas = q_canvas if kv_canvas is None else kv_canvas
+    if isinstance(tile, int):
+        tile = (tile, tile)
     if impl == "reference":
         if mask is None:
             mask = canvas_lib.dense_mask(q_canvas, kv_canvas)
         return reference_attention(q, k, v, mask, scale=scale)
     if impl == "tiled":
         return _block_sparse(tiled_attention, q, k, v, q_canvas, kv_canvas,
-                             tile or DEFAULT_TILE["tiled"], scale=scale)
+                             tile or DEFAULT_TILES["tiled"], scale=scale)
     backend = jax.default_backend()
     if impl == "pallas_gpu":  # interpreted (slowly) where there is no GPU: tests, CPU debugging
         from dirl_jax.attention.pallas_gpu import pallas_gpu_attention
         return _block_sparse(pallas_gpu_attention, q, k, v, q_canvas, kv_canvas,
-                             tile or DEFAULT_TILE["pallas_gpu"], scale=scale,
+                             tile or DEFAULT_TILES["pallas_gpu"], scale=scale,
                              interpret=backend not in ("gpu", "cuda", "rocm"))
     from dirl_jax.attention.splash import splash_attention
     if layout is None:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from dirl_jax import attention as attention_lib
 from dirl_jax.canvas import Canvas, StreamMajorLayout
@@ -87,16 +87,57 @@ class Attention(nnx.Module):
         self.num_kv_heads = c.num_key_value_heads
         self.head_dim = c.head_dim
 
-    def __call__(self, x_BTE: jax.Array, rope: tuple[jax.Array, jax.Array], *,
-                 canvas: Canvas | None, mask: jax.Array | None, impl: str,
-                 layout: StreamMajorLayout | None) -> jax.Array:
+    def _qkv(self, x_BTE: jax.Array, rope: tuple[jax.Array, jax.Array]
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
         batch, length, _ = x_BTE.shape
         q = self.q_norm(self.q_proj(x_BTE).reshape(batch, length, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = attention_lib.attention(q, k, v, q_canvas=canvas, mask=mask, impl=impl, layout=layout)
-        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+        return apply_rotary(q, *rope), apply_rotary(k, *rope), v
+
+    def _out(self, out_BTHD: jax.Array) -> jax.Array:
+        batch, length = out_BTHD.shape[:2]
+        return self.o_proj(out_BTHD.reshape(batch, length, self.num_heads * self.head_dim))
+
+    def __call__(self, x_BTE: jax.Array, rope: tuple[jax.Array, jax.Array], *,
+                 canvas: Canvas | None, mask: jax.Array | None, impl: str,
+                 layout: StreamMajorLayout | None) -> jax.Array:
+        q, k, v = self._qkv(x_BTE, rope)
+        return self._out(attention_lib.attention(q, k, v, q_canvas=canvas, mask=mask, impl=impl,
+                                                 layout=layout))
+
+    def cached(self, x_BTE: jax.Array, rope: tuple[jax.Array, jax.Array], cache: LayerCache,
+               write_at: jax.Array, q_canvas: Canvas, kv_canvas: Canvas, impl: str
+               ) -> tuple[jax.Array, LayerCache]:
+        """Writes this chunk's keys/values into ``cache`` at ``write_at[b]`` of every row, then
+        attends over the whole cache (``kv_canvas`` tags say which cache slots are visible)."""
+        q, k, v = self._qkv(x_BTE, rope)
+        cache = LayerCache(keys=_write_rows(cache.keys, k, write_at),
+                           values=_write_rows(cache.values, v, write_at))
+        out = attention_lib.attention(q, cache.keys, cache.values, q_canvas=q_canvas,
+                                      kv_canvas=kv_canvas, impl=impl)
+        return self._out(out), cache
+
+
+@struct.dataclass
+class LayerCache:
+    """Preallocated keys and values of one layer, ``[batch, max_length, kv_heads, head_dim]``."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
+def _write_rows(cache: jax.Array, chunk: jax.Array, write_at: jax.Array) -> jax.Array:
+    """``cache[b, write_at[b]:write_at[b] + n] = chunk[b]`` for every row ``b``."""
+    return jax.vmap(lambda c, x, at: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), at, 0)
+                    )(cache, chunk, write_at)
+
+
+def init_cache(config: SDARConfig, batch: int, max_length: int, dtype: Dtype) -> tuple[LayerCache, ...]:
+    """An empty KV cache for every layer."""
+    shape = (batch, max_length, config.num_key_value_heads, config.head_dim)
+    return tuple(LayerCache(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype))
+                 for _ in range(config.num_hidden_layers))
 
 
 class MLP(nnx.Module):
@@ -128,6 +169,14 @@ class DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, canvas=canvas, mask=mask, impl=impl,
                                layout=layout)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def cached(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: LayerCache,
+               write_at: jax.Array, q_canvas: Canvas, kv_canvas: Canvas, impl: str
+               ) -> tuple[jax.Array, LayerCache]:
+        h, cache = self.self_attn.cached(self.input_layernorm(x), rope, cache, write_at,
+                                         q_canvas, kv_canvas, impl)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class Embedding(nnx.Module):
@@ -198,6 +247,25 @@ class SDARForCausalLM(nnx.Module):
         for layer in self.model.layers:
             x = run_layer(layer, x, rope, canvas, attention_mask, attn_impl, attn_layout)
         return self.model.norm(x)
+
+    def cached_hidden_states(self, q_canvas: Canvas, kv_canvas: Canvas,
+                             cache: tuple[LayerCache, ...], write_at: jax.Array, *,
+                             attn_impl: str = "auto") -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        """Hidden states of a chunk of tokens (``q_canvas``, e.g. a prompt or one block) that
+        attends to the KV cache, after writing the chunk's keys/values at ``write_at [batch]``.
+
+        ``kv_canvas`` holds the tags of the cache slots (``[batch, max_length]``); slots the chunk
+        must not see (stale or empty) carry segment ``-1``.
+        """
+        rope = rotary_tables(q_canvas.positions, self.config.head_dim, self.config.rope_theta,
+                             self.dtype)
+        x = self.model.embed_tokens(q_canvas.tokens)
+        new_cache = []
+        for layer, layer_cache in zip(self.model.layers, cache):
+            x, layer_cache = layer.cached(x, rope, layer_cache, write_at, q_canvas, kv_canvas,
+                                          attn_impl)
+            new_cache.append(layer_cache)
+        return self.model.norm(x), tuple(new_cache)
 
     def output_embedding(self) -> jax.Array:
         """The ``[vocab, hidden]`` matrix that maps hidden states to logits."""

@@ -1,0 +1,1 @@
+"""Rollouts: the in-process JAX block-diffusion engine and its unmasking rules."""

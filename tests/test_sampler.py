@@ -1,0 +1,184 @@
+"""The compiled KV-cache decoder against the naive dense-mask decoder and the training forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import random_model, tiny_config
+from dirl_jax import canvas as canvas_lib
+from dirl_jax.naive_decoder import naive_generate
+from dirl_jax.rollout.sampler import SamplingConfig, decode_prompts
+
+BLOCK = 4
+STOP = 7
+
+
+def peaky_model(seed: int):
+    """A tiny random model with a scaled-up head, so confidences spread over (0, 1)."""
+    config = tiny_config(block_size=BLOCK, vocab=61)
+    model = random_model(config, seed)
+    model.lm_head.weight.set_value(model.lm_head.weight.get_value() * 25.0)
+    return config, model
+
+
+def random_prompts(rng: np.random.Generator, lengths=(5, 8, 13, 2)) -> list[list[int]]:
+    return [rng.integers(10, 55, n).tolist() for n in lengths]
+
+
+def sampling(config, **kw) -> SamplingConfig:
+    defaults = dict(block_size=BLOCK, mask_token_id=config.mask_token_id, max_new_tokens=12,
+                    temperature=0.0, stop_ids=(STOP,), threshold=0.5)
+    return SamplingConfig(**{**defaults, **kw})
+
+
+@pytest.mark.parametrize("strategy", ["low_confidence_static", "low_confidence_dynamic", "sequential"])
+def test_greedy_equals_the_naive_decoder(seed, strategy):
+    config, model = peaky_model(seed)
+    prompts = random_prompts(np.random.default_rng(seed))
+    steps = 2 if strategy != "low_confidence_dynamic" else None
+    ours = decode_prompts(model, prompts, sampling(config, strategy=strategy, steps=steps))
+    naive = naive_decode_prompts(model, prompts, block_size=BLOCK, mask_token_id=config.mask_token_id,
+                           pad_token_id=0, max_new_tokens=12, stop_ids=[STOP], strategy=strategy,
+                           steps=steps, threshold=0.5)
+    for got, want in zip(ours, naive):
+        assert got["token_ids"] == want["token_ids"]
+        assert got["step_map"] == want["step_map"]
+    if strategy != "sequential":  # the cases decode more than one token in some step
+        assert any(r["tokens_per_step"] > 1 for r in ours)
+
+
+def test_greedy_decoding_is_batch_invariant(seed):
+    config, model = peaky_model(seed)
+    prompts = random_prompts(np.random.default_rng(seed), lengths=(3, 17, 9))
+    cfg = sampling(config, strategy="low_confidence_dynamic")
+    batched = decode_prompts(model, prompts, cfg)
+    for prompt, in_batch in zip(prompts, batched):
+        alone = decode_prompts(model, [prompt], cfg)[0]
+        assert alone["token_ids"] == in_batch["token_ids"]
+        assert alone["step_map"] == in_batch["step_map"]
+
+
+def training_logprobs(model, prompt: list[int], result: dict, temperature: float,
+                      mask_token_id: int) -> np.ndarray:
+    """Log-probs of the committed tokens recomputed by one training forward on the multi-round
+    canvas rebuilt from the step map (one noisy round per step; DIRL_SPEC §4.2)."""
+    tokens = np.array(prompt + result["token_ids"])
+    step = np.array([0] * len(prompt) + result["step_map"])
+    response = np.arange(len(tokens)) >= len(prompt)
+    block = np.arange(len(tokens)) // BLOCK
+    distinct = sorted(set(result["step_map"]))
+    rounds = []
+    for s in distinct:
+        block_of_s = block[(step == s) & response][0]
+        masked = response & (block == block_of_s) & (step >= s)
+        rounds.append(np.where(masked, mask_token_id, tokens))
+    canvas = canvas_lib.stream_major_canvas(tokens[None], np.stack(rounds)[:, None],
+                                            np.arange(len(tokens))[None],
+                                            np.zeros((1, len(tokens)), np.int32), BLOCK)
+    logits = np.asarray(model(canvas=canvas, attn_impl="reference"), np.float64)[0]
+    logits = logits / (temperature or 1.0)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    out = np.zeros(len(tokens))
+    for r, s in enumerate(distinct):
+        for j in np.flatnonzero((step == s) & response):
+            out[j] = logp[r * len(tokens) + j, tokens[j]]
+    return out[len(prompt):]
+
+
+@pytest.mark.parametrize("strategy,temperature,top_k,top_p", [
+    ("low_confidence_static", 0.0, 0, 1.0),
+    ("low_confidence_dynamic", 0.0, 0, 1.0),
+    ("low_confidence_static", 1.0, 0, 1.0),
+    ("low_confidence_dynamic", 0.7, 0, 1.0),
+    ("low_confidence_dynamic", 1.0, 5, 0.9),
+    ("low_confidence_static", 0.7, 8, 0.8),
+])
+def test_sampler_logprobs_equal_the_training_forward(seed, strategy, temperature, top_k, top_p):
+    config, model = peaky_model(seed)
+    prompts = random_prompts(np.random.default_rng(seed), lengths=(6, 9))
+    cfg = sampling(config, strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
+                   steps=2 if strategy == "low_confidence_static" else None)
+    for prompt, result in zip(prompts, decode_prompts(model, prompts, cfg, seed=seed)):
+        expected = training_logprobs(model, prompt, result, temperature, config.mask_token_id)
+        np.testing.assert_allclose(result["logprobs"], expected, atol=1e-5, rtol=0)
+        assert min(result["step_map"]) == 1 and all(s > 0 for s in result["step_map"])
+
+
+def test_seeded_sampling_is_reproducible(seed):
+    config, model = peaky_model(seed)
+    prompts = random_prompts(np.random.default_rng(seed))
+    cfg = sampling(config, temperature=1.0, strategy="low_confidence_dynamic")
+    first = decode_prompts(model, prompts, cfg, seed=seed)
+    assert decode_prompts(model, prompts, cfg, seed=seed) == first
+    assert decode_prompts(model, prompts, cfg, seed=seed + 1) != first
+
+
+def test_stop_tokens_and_length_limit(seed):
+    config, model = peaky_model(seed)
+    prompts = random_prompts(np.random.default_rng(seed), lengths=(5, 8, 13, 2, 7, 11))
+    cfg = sampling(config, temperature=1.0, max_new_tokens=9, stop_ids=(STOP, 11, 12, 13, 14, 15))
+    for prompt, result in zip(prompts, decode_prompts(model, prompts, cfg, seed=seed)):
+        tokens = result["token_ids"]
+        assert (len(prompt) + len(tokens)) % BLOCK == 0  # whole blocks, aligned at position 0
+        stops = [i for i, t in enumerate(tokens) if t in cfg.stop_ids]
+        if result["finish_reason"] == "stop":
+            assert stops and result["length"] == stops[0] + 1
+            assert stops[0] >= max(0, len(tokens) - BLOCK)  # no stop token before the final block
+        else:
+            assert result["finish_reason"] == "length" and not stops
+            assert cfg.max_new_tokens <= len(tokens) < cfg.max_new_tokens + BLOCK
+            assert result["length"] == len(tokens)
+        # one prefill, then every block costs its denoising forwards plus a commit (not the last)
+        blocks = len({(len(prompt) + i) // BLOCK for i in range(len(tokens))})
+        assert result["num_forwards"] == 1 + result["num_steps"] + blocks - 1
+
+
+def test_bad_sampling_settings_name_the_field():
+    with pytest.raises(ValueError, match="strategy: unknown 'fast'"):
+        SamplingConfig(block_size=4, mask_token_id=1, strategy="fast")
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(block_size=4, mask_token_id=1, top_p=0.0)
+    config, model = peaky_model(0)
+    with pytest.raises(ValueError, match="at least one token"):
+        decode_prompts(model, [[1, 2], []], sampling(config))
+
+
+def test_public_generate_and_streaming_cli(tmp_path, seed):
+    """``dirl_jax.generate`` with the checkpoint's defaults, and the CLI streaming a saved model."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    import dirl_jax
+    from conftest import REPO
+    from dirl_jax.data import toy
+
+    tokenizer = toy.toy_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tok")
+    config = dataclasses.replace(tiny_config(block_size=BLOCK, vocab=len(tokenizer)),
+                                 mask_token_id=tokenizer.convert_tokens_to_ids(toy.MASK),
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.convert_tokens_to_ids(toy.IM_END))
+    model = random_model(config, seed)
+    dirl_jax.save_model(model, config, tmp_path / "model", tokenizer_dir=tmp_path / "tok",
+                        dtype="float32")
+    prompt = tokenizer.encode("1+2=")
+    [result] = dirl_jax.generate(model, [prompt], temperature=0.0, max_new_tokens=8)
+    [expected] = decode_prompts(model, [prompt], SamplingConfig(
+        block_size=BLOCK, mask_token_id=config.mask_token_id, max_new_tokens=8, temperature=0.0),
+        pad_token_id=config.pad_token_id)
+    assert result == expected
+
+    cli = subprocess.run([sys.executable, "-m", "dirl_jax.generate", "--model", str(tmp_path / "model"),
+                          "--prompt", "1+2=", "--raw", "--max-new-tokens", "8",
+                          "--strategy", "low_confidence_static"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert cli.returncode == 0, cli.stderr
+    streamed, summary = cli.stdout.rsplit("\n", 2)[0], cli.stdout.strip().splitlines()[-1]
+    [again] = dirl_jax.generate(model, [tokenizer.encode("1+2=")], temperature=0.0, max_new_tokens=8,
+                                strategy="low_confidence_static",
+                                stop_ids=[config.eos_token_id, tokenizer.pad_token_id])
+    assert streamed == tokenizer.decode(again["token_ids"])
+    assert summary.startswith(f"[{len(again['token_ids'])} tokens, {again['num_steps']} steps")
