@@ -5,6 +5,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from dirl_jax.attention import IMPLEMENTATIONS
+from dirl_jax.rollout.unmasking import STRATEGIES as UNMASKING_STRATEGIES
 
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -62,6 +63,8 @@ def validate(config: ConfigDict) -> None:
     check(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
     check(config.model.attention_impl in IMPLEMENTATIONS, "model.attention_impl",
           f"must be one of {IMPLEMENTATIONS}, got {config.model.attention_impl!r}")
+    check(config.eval.strategy in UNMASKING_STRATEGIES, "eval.strategy",
+          f"must be one of {UNMASKING_STRATEGIES}, got {config.eval.strategy!r}")
     check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     for field in ("compute_dtype", "param_dtype"):
         check(t[field] in DTYPES, f"train.{field}", f"must be one of {DTYPES}, got {t[field]!r}")

@@ -14,6 +14,7 @@ import argparse
 import sys
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from dirl_jax.model.sdar import SDARForCausalLM
@@ -26,13 +27,15 @@ def generate(model: SDARForCausalLM, prompts: Sequence[Sequence[int]], *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (), seed: int = 0, mask_token_id: int | None = None,
              pad_token_id: int | None = None, attn_impl: str = "auto",
-             on_block: BlockCallback | None = None) -> list[dict]:
+             on_block: BlockCallback | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> list[dict]:
     """Decodes token-id prompts of any lengths in one compiled batch; one result per prompt.
 
     ``block_size``, ``mask_token_id`` and ``pad_token_id`` default to the model config's.
     ``temperature=0`` is greedy. Each result holds ``token_ids``, ``step_map``, ``logprobs``,
     ``length``, ``finish_reason``, ``num_steps``, ``num_forwards`` and ``tokens_per_step``
-    (see :func:`dirl_jax.rollout.sampler.decode_prompts`).
+    (see :func:`dirl_jax.rollout.sampler.decode_prompts`). ``mesh`` splits the batch over its
+    devices (data parallel).
     """
     config = model.config
     cfg = SamplingConfig(
@@ -43,7 +46,7 @@ def generate(model: SDARForCausalLM, prompts: Sequence[Sequence[int]], *,
         attn_impl=attn_impl)
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
     return decode_prompts(model, [list(p) for p in prompts], cfg, seed=seed,
-                          pad_token_id=pad or 0, on_block=on_block)
+                          pad_token_id=pad or 0, on_block=on_block, mesh=mesh)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """A naive block-diffusion decoder: recomputes the whole sequence with a dense mask every step.
 
 No KV cache and a host round trip per step, so it is slow; it is the readable reference that
-the compiled rollout engine is tested against, and a minimal decoder for small evaluations.
+the compiled rollout engine (:mod:`dirl_jax.rollout.sampler`) is tested against.
 Blocks are aligned to absolute position 0 (the prompt's partial last block is completed first);
 each step commits masked positions of the current block by greedy confidence with the rules of
 :mod:`dirl_jax.rollout.unmasking`. A sequence stops after the block in which a

@@ -29,7 +29,7 @@ from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.metrics import MetricsWriter
 from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
 from dirl_jax.model.hf_io import resolve_dtype
-from dirl_jax.naive_decoder import naive_generate
+from dirl_jax.generate import generate
 from dirl_jax.optim import learning_rate_schedule, make_optimizer
 from dirl_jax.rewards import extract_last_boxed
 
@@ -138,16 +138,16 @@ def evaluate_builtin(model: SDARForCausalLM, model_config: SDARConfig, tokenizer
     for start in range(0, len(records), config.eval.batch_size):
         chunk = records[start:start + config.eval.batch_size]
         prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in chunk]
-        results = naive_generate(
-            model, prompts, block_size=model_config.block_size,
+        results = generate(
+            model, prompts, block_size=model_config.block_size, temperature=0.0,
             mask_token_id=model_config.mask_token_id, pad_token_id=tokenizer.pad_token_id,
             max_new_tokens=config.eval.max_new_tokens, stop_ids=stop_ids,
             strategy=config.eval.strategy, steps=config.eval.steps or None,
-            threshold=config.eval.threshold)
+            threshold=config.eval.threshold, attn_impl=config.model.attention_impl)
         for record, result in zip(chunk, results):
             text = tokenizer.decode(result["token_ids"])
             correct += extract_last_boxed(text) == record["answer"]
-            tokens_per_step.append(len(result["token_ids"]) / max(1, len(set(result["step_map"]) - {0})))
+            tokens_per_step.append(result["tokens_per_step"])
     return {"accuracy": correct / max(len(records), 1), "num_examples": len(records),
             "tokens_per_step": float(np.mean(tokens_per_step)) if tokens_per_step else 0.0,
             "strategy": config.eval.strategy}

@@ -38,7 +38,7 @@ def test_greedy_equals_the_naive_decoder(seed, strategy):
     prompts = random_prompts(np.random.default_rng(seed))
     steps = 2 if strategy != "low_confidence_dynamic" else None
     ours = decode_prompts(model, prompts, sampling(config, strategy=strategy, steps=steps))
-    naive = naive_decode_prompts(model, prompts, block_size=BLOCK, mask_token_id=config.mask_token_id,
+    naive = naive_generate(model, prompts, block_size=BLOCK, mask_token_id=config.mask_token_id,
                            pad_token_id=0, max_new_tokens=12, stop_ids=[STOP], strategy=strategy,
                            steps=steps, threshold=0.5)
     for got, want in zip(ours, naive):
@@ -182,3 +182,16 @@ def test_public_generate_and_streaming_cli(tmp_path, seed):
                                 stop_ids=[config.eos_token_id, tokenizer.pad_token_id])
     assert streamed == tokenizer.decode(again["token_ids"])
     assert summary.startswith(f"[{len(again['token_ids'])} tokens, {again['num_steps']} steps")
+
+
+def test_data_parallel_decoding_over_a_mesh_equals_one_device(seed):
+    import jax
+    config, model = peaky_model(seed)
+    prompts = random_prompts(np.random.default_rng(seed), lengths=(5, 8, 13, 2, 9, 3))
+    cfg = sampling(config, strategy="low_confidence_dynamic")
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = decode_prompts(model, prompts, cfg, mesh=mesh)  # 6 rows padded to 8 over 4 devices
+    assert len(sharded) == len(prompts)
+    for got, want in zip(sharded, decode_prompts(model, prompts, cfg)):
+        assert got["token_ids"] == want["token_ids"] and got["step_map"] == want["step_map"]
+        np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)

@@ -211,14 +211,27 @@ def decode(model: SDARForCausalLM, prompt_tokens: jax.Array, prompt_lengths: jax
                 forwards=state["forwards"])
 
 
-@functools.partial(nnx.jit, static_argnames=("cfg", "on_block"))
-def _decode_jit(model, prompt_tokens, prompt_lengths, key, cfg, on_block):
-    return decode(model, prompt_tokens, prompt_lengths, key, cfg, on_block)
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "on_block", "mesh"))
+def _decode_jit(graphdef, params, prompt_tokens, prompt_lengths, key, cfg, on_block, mesh):
+    def run(params, prompt_tokens, prompt_lengths, key):
+        return decode(nnx.merge(graphdef, params), prompt_tokens, prompt_lengths, key, cfg, on_block)
+
+    if mesh is None:
+        return run(params, prompt_tokens, prompt_lengths, key)
+    rows = jax.sharding.PartitionSpec(mesh.axis_names)  # batch over every device of the mesh
+
+    def shard(params, prompt_tokens, prompt_lengths, key):
+        shard_key = jax.random.fold_in(key, jax.lax.axis_index(mesh.axis_names))
+        return run(params, prompt_tokens, prompt_lengths, shard_key)
+
+    return jax.shard_map(shard, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), rows, rows,
+                                                     jax.sharding.PartitionSpec()),
+                         out_specs=rows, check_vma=False)(params, prompt_tokens, prompt_lengths, key)
 
 
 def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: SamplingConfig, *,
-                   seed: int = 0, pad_token_id: int = 0,
-                   on_block: BlockCallback | None = None) -> list[dict]:
+                   seed: int = 0, pad_token_id: int = 0, on_block: BlockCallback | None = None,
+                   mesh: jax.sharding.Mesh | None = None) -> list[dict]:
     """Decodes prompts of any lengths in one batch; one result per prompt.
 
     Each result: ``token_ids`` (the response, whole blocks), ``step_map``, ``logprobs``,
@@ -227,19 +240,27 @@ def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: Sampli
     ``finish_reason`` (``stop`` | ``length``), ``num_steps`` (denoising forwards that committed
     tokens), ``num_forwards`` (all forwards of the row: prefill, denoising and commit) and
     ``tokens_per_step``.
+
+    With a ``mesh``, the batch is split over all its devices (data parallel; the parameters are
+    replicated, each shard decodes its rows independently). The batch is padded with copies of
+    the last prompt to a multiple of the device count; sampling keys differ per shard.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: every prompt needs at least one token")
+    count = len(prompts)
+    if mesh is not None:
+        prompts = list(prompts) + [prompts[-1]] * (-count % mesh.size)
     lengths = np.array([len(p) for p in prompts], np.int32)
     bucket = -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
     padded = np.full((len(prompts), bucket), pad_token_id, np.int32)
     for i, prompt in enumerate(prompts):
         padded[i, :len(prompt)] = prompt
-    out = jax.device_get(_decode_jit(model, jnp.asarray(padded), jnp.asarray(lengths),
-                                     jax.random.key(seed), cfg, on_block))
+    graphdef, params = nnx.split(model)
+    out = jax.device_get(_decode_jit(graphdef, params, jnp.asarray(padded), jnp.asarray(lengths),
+                                     jax.random.key(seed), cfg, on_block, mesh))
     stops = np.asarray(cfg.stop_ids, np.int32)
     results = []
-    for i, length in enumerate(lengths):
+    for i, length in enumerate(lengths[:count]):
         span = slice(int(length), int(out["end"][i]))
         token_ids, step_map = out["tokens"][i, span], out["step_map"][i, span]
         stop_at = np.flatnonzero(np.isin(token_ids, stops))
