@@ -14,13 +14,12 @@ recompute), so implementations are compared on the work the mask actually needs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from typing import Any, Callable
 
+import benchlib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,7 +122,8 @@ def main() -> None:
 
     backend = jax.default_backend()
     impls = args.impls or PLATFORM_IMPLS.get(backend, ["reference", "tiled"])
-    device = f"{backend}: {jax.devices()[0].device_kind} ({os.cpu_count()} host cores)"
+    machine = benchlib.machine()
+    device = machine["device"]
     print(f"device {device}; H={args.heads} KV={args.kv_heads} D={args.head_dim} "
           f"B={args.block_size} {args.dtype}")
     dtype = jnp.dtype(args.dtype)
@@ -159,15 +159,10 @@ def main() -> None:
                                 "effective_flops_per_s": flops / seconds, "heads": args.heads,
                                 "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                                 "block_size": args.block_size, "dtype": args.dtype,
-                                "device": device, "host": platform.node()})
+                                **machine})
                 print(f"{impl:>12} {length:>6} {pass_name:>8} {seconds:>10.4f} {fraction:>6.3f} "
                       f"{flops / seconds / 1e9:>12.1f}", flush=True)
-    if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+    benchlib.write_records(args.json, records)
 
 
 if __name__ == "__main__":

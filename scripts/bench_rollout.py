@@ -15,12 +15,11 @@ batch in lock step. Tokens/s counts generated tokens over wall time after one wa
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 from typing import Any
 
+import benchlib
 import jax
 import numpy as np
 from bench_train_step import CONFIGS, model_config
@@ -70,7 +69,7 @@ def torch_rollout(model: SDARForCausalLM, prompts: np.ndarray, cfg: SamplingConf
                      past_key_values=cache, use_cache=True)
         return out.logits.float().numpy()
 
-    def run() -> tuple[np.ndarray, int]:
+    def run(gen_len: int) -> tuple[np.ndarray, int]:
         cache = DynamicCache(config=hf_config)
         forward(prompts, 0, cache)
         generated, forwards = [], 0
@@ -95,9 +94,9 @@ def torch_rollout(model: SDARForCausalLM, prompts: np.ndarray, cfg: SamplingConf
                 forwards += 1
         return np.concatenate(generated, axis=1), forwards * batch  # per-row forwards, as on the JAX side
 
-    run()  # warm-up
+    run(2 * BLOCK)  # warm-up (eager PyTorch compiles nothing)
     start = time.perf_counter()
-    tokens, forwards = run()
+    tokens, forwards = run(gen_len)
     return time.perf_counter() - start, tokens, forwards
 
 
@@ -115,7 +114,8 @@ def main() -> None:
     if args.prompt_len % BLOCK or args.gen_len % BLOCK:
         raise SystemExit(f"--prompt-len and --gen-len must be multiples of the block size {BLOCK}")
 
-    device = f"{jax.default_backend()}: {jax.devices()[0].device_kind} ({os.cpu_count()} host cores)"
+    machine = benchlib.machine()
+    device = machine["device"]
     print(f"device {device}; greedy {args.strategy} (threshold {args.threshold}), block {BLOCK}, "
           f"prompt {args.prompt_len}, generation {args.gen_len}, fp32")
     header = (f"{'config':>6} {'batch':>5} {'side':>8} {'seconds':>8} {'tok/s':>8} "
@@ -144,16 +144,11 @@ def main() -> None:
                                 "tokens_per_forward": tok_per_fwd, "speedup_vs_torch": speedup,
                                 "same_tokens_as_torch": same, "prompt_len": args.prompt_len,
                                 "gen_len": args.gen_len, "strategy": args.strategy,
-                                "device": device, "host": platform.node()})
+                                **machine})
                 print(f"{name:>6} {batch:>5} {side:>8} {seconds:>8.2f} {tokens.size / seconds:>8.1f} "
                       f"{tok_per_fwd:>7.2f} {speedup if side == 'jax' else 1.0:>7.2f}x {same:>11.3f}",
                       flush=True)
-    if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+    benchlib.write_records(args.json, records)
 
 
 if __name__ == "__main__":

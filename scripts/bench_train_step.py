@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import statistics
 import time
 from typing import Any, Callable
 
+import benchlib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,7 +151,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    device = f"{jax.default_backend()}: {jax.devices()[0].device_kind} ({os.cpu_count()} host cores)"
+    machine = benchlib.machine()
+    device = machine["device"]
     print(f"device {device}; fp32; two-stream canvas, block size {BLOCK_SIZE}")
     header = f"{'config':>6} {'params':>8} {'rows x len':>10} {'impl':>16} {'s/step':>8} {'tok/s':>9} {'vs torch':>8}"
     print(header)
@@ -174,18 +174,13 @@ def main() -> None:
             records.append({"config": name, "params": params, "rows": rows, "tokens_per_row": length,
                             "impl": label, "seconds_per_step": seconds,
                             "tokens_per_s": rows * length / seconds, "first_loss": first_loss,
-                            "device": device, "host": platform.node()})
+                            **machine})
         torch_seconds = results.get("torch/sdpa-dense")
         for record in records[-len(runs):]:
             ratio = f"{torch_seconds / record['seconds_per_step']:.2f}x" if torch_seconds else "-"
             print(f"{name:>6} {params / 1e6:>7.1f}M {rows:>4} x {length:<4} {record['impl']:>16} "
                   f"{record['seconds_per_step']:>8.3f} {record['tokens_per_s']:>9.0f} {ratio:>8}")
-    if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+    benchlib.write_records(args.json, records)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,8 @@ def test_auto_resolves_by_platform():
     assert resolve_impl("auto", platform="tpu",
                         layout=canvas_lib.StreamMajorLayout(40, 4, rounds=1)) == "tiled"
     assert resolve_impl("auto", has_mask=True, platform="gpu") == "reference"
+    assert resolve_impl("auto", platform="gpu", q_len=4) == "reference"  # one decoding block
+    assert resolve_impl("auto", platform="cpu", q_len=65) == "tiled"
     x = jnp.zeros((1, 2, 2, 4))
     with pytest.raises(ValueError, match="needs canvases"):
         attention(x, x, x, mask=jnp.ones((1, 2, 2), bool), impl="tiled")

@@ -7,7 +7,8 @@ impl           what                                                             
 ``tiled``      pure-JAX block-sparse flash attention over the exact tile schedule   any
 ``splash``     jax's Splash kernel with a static stream-major mask (needs layout)   TPU
 ``pallas_gpu`` Pallas/Triton block-sparse flash attention over the tile schedule    GPU
-``auto``       ``splash`` on TPU when a layout of a length divisible by 128 is given,
+``auto``       ``reference`` for a query chunk of <= 64 tokens (decoding one block),
+               ``splash`` on TPU when a layout of a length divisible by 128 is given,
                ``pallas_gpu`` on GPU,
                ``tiled`` elsewhere; ``reference`` for an explicit mask
 =============  ===================================================================  ==========
@@ -27,17 +28,23 @@ from dirl_jax.attention.tiled import tiled_attention
 IMPLEMENTATIONS = ("auto", "reference", "tiled", "splash", "pallas_gpu")
 # (q_tile, kv_tile) per block-sparse impl; tiled's is the fastest measured on CPU (docs/PERFORMANCE.md).
 DEFAULT_TILES = {"tiled": (128, 256), "pallas_gpu": (64, 64)}
+DECODE_QUERY_LEN = 64
 SPLASH_BLOCK = 128  # Splash tiles; canvases of other lengths run ``tiled`` under ``auto``
 
 
 def resolve_impl(impl: str, *, has_mask: bool = False, layout: Any = None,
-                 platform: str | None = None) -> str:
-    """The concrete implementation ``impl`` stands for on ``platform`` (default backend)."""
+                 platform: str | None = None, q_len: int | None = None) -> str:
+    """The concrete implementation ``impl`` stands for on ``platform`` (default backend).
+
+    A short query chunk (``q_len <= DECODE_QUERY_LEN``: one block being decoded against a KV
+    cache) runs ``reference``: its scores are ``q_len x S`` per head, cheap and batched, where a
+    tile loop would pay per-tile overhead for a single partial tile row.
+    """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention impl {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
     if impl != "auto":
         return impl
-    if has_mask:
+    if has_mask or (q_len is not None and q_len <= DECODE_QUERY_LEN):
         return "reference"
     platform = platform or jax.default_backend()
     if platform == "tpu" and layout is not None and layout.length % SPLASH_BLOCK == 0:
@@ -89,7 +96,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     """
     if (mask is None) == (q_canvas is None):
         raise ValueError("pass exactly one of `mask` or `q_canvas`")
-    impl = resolve_impl(impl, has_mask=mask is not None, layout=layout)
+    impl = resolve_impl(impl, has_mask=mask is not None, layout=layout, q_len=q.shape[1])
     if mask is not None and impl != "reference":
         raise ValueError(f"attention impl {impl!r} needs canvases; an explicit mask runs on 'reference'")
     kv_canvas = q_canvas if kv_canvas is None else kv_canvas

@@ -129,8 +129,10 @@ class LayerCache:
 
 def _write_rows(cache: jax.Array, chunk: jax.Array, write_at: jax.Array) -> jax.Array:
     """``cache[b, write_at[b]:write_at[b] + n] = chunk[b]`` for every row ``b``."""
-    return jax.vmap(lambda c, x, at: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), at, 0)
-                    )(cache, chunk, write_at)
+    rows = jnp.arange(cache.shape[0])[:, None]
+    cols = write_at[:, None] + jnp.arange(chunk.shape[1])[None, :]
+    return cache.at[rows, cols].set(chunk.astype(cache.dtype), unique_indices=True,
+                                    indices_are_sorted=True)
 
 
 def init_cache(config: SDARConfig, batch: int, max_length: int, dtype: Dtype) -> tuple[LayerCache, ...]:
