@@ -1,8 +1,8 @@
 """dirl-jax: post-training of block-diffusion language models (SDAR / DiRL) in JAX."""
 
 from dirl_jax.canvas import Canvas
-from dirl_jax.generate import generate
 from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
+from dirl_jax.rollout.sampler import generate
 
 __version__ = "0.1.0"
 

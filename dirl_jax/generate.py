@@ -1,4 +1,4 @@
-"""Block-diffusion generation: the public function and ``python -m dirl_jax.generate``.
+"""``python -m dirl_jax.generate``: block-diffusion generation from the command line.
 
     python -m dirl_jax.generate --model DIR_OR_HUB_ID --prompt "What is 2+3?" [--raw]
         [--strategy low_confidence_dynamic] [--threshold 0.9] [--steps N] [--block-size B]
@@ -14,39 +14,9 @@ import argparse
 import sys
 from typing import Sequence
 
-import jax
 import numpy as np
 
-from dirl_jax.model.sdar import SDARForCausalLM
-from dirl_jax.rollout.sampler import BlockCallback, SamplingConfig, decode_prompts
-
-
-def generate(model: SDARForCausalLM, prompts: Sequence[Sequence[int]], *,
-             block_size: int | None = None, strategy: str = "low_confidence_dynamic",
-             steps: int | None = None, threshold: float = 0.9, max_new_tokens: int = 256,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: Sequence[int] = (), seed: int = 0, mask_token_id: int | None = None,
-             pad_token_id: int | None = None, attn_impl: str = "auto",
-             on_block: BlockCallback | None = None,
-             mesh: jax.sharding.Mesh | None = None) -> list[dict]:
-    """Decodes token-id prompts of any lengths in one compiled batch; one result per prompt.
-
-    ``block_size``, ``mask_token_id`` and ``pad_token_id`` default to the model config's.
-    ``temperature=0`` is greedy. Each result holds ``token_ids``, ``step_map``, ``logprobs``,
-    ``length``, ``finish_reason``, ``num_steps``, ``num_forwards`` and ``tokens_per_step``
-    (see :func:`dirl_jax.rollout.sampler.decode_prompts`). ``mesh`` splits the batch over its
-    devices (data parallel).
-    """
-    config = model.config
-    cfg = SamplingConfig(
-        block_size=block_size or config.block_size,
-        mask_token_id=config.mask_token_id if mask_token_id is None else mask_token_id,
-        strategy=strategy, steps=steps, threshold=threshold, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tuple(int(t) for t in stop_ids),
-        attn_impl=attn_impl)
-    pad = config.pad_token_id if pad_token_id is None else pad_token_id
-    return decode_prompts(model, [list(p) for p in prompts], cfg, seed=seed,
-                          pad_token_id=pad or 0, on_block=on_block, mesh=mesh)
+from dirl_jax.rollout.sampler import generate
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -29,7 +29,7 @@ from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.metrics import MetricsWriter
 from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
 from dirl_jax.model.hf_io import resolve_dtype
-from dirl_jax.generate import generate
+from dirl_jax.rollout.sampler import generate
 from dirl_jax.optim import learning_rate_schedule, make_optimizer
 from dirl_jax.rewards import extract_last_boxed
 
