@@ -1,0 +1,202 @@
+"""DiPO blocks: round expansion, the single-pass multi-round canvas, advantages, the loss."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import random_model, tiny_config
+from dirl_jax import canvas as canvas_lib
+from dirl_jax import dipo
+from dirl_jax.rollout.sampler import SamplingConfig, decode_prompts
+
+BLOCK = 4
+
+
+def test_round_expansion_reproduces_the_worked_example():
+    """DIRL_SPEC §10: B=4, prompt 6, response 10."""
+    step_map = np.array([-1] * 6 + [1, 2, 3, 3, 4, 3, 5, 5, 5, 6] + [-1] * 4)
+    rounds = dipo.expand_rounds(step_map, BLOCK)
+    assert len(rounds) == 2
+    (p0, m0), (p1, m1) = rounds
+    np.testing.assert_array_equal(p0[6:16], [1, 0, 1, 1, 0, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(m0[6:16], [1] * 10)
+    np.testing.assert_array_equal(p1[6:16], [0, 1, 0, 0, 1, 0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(m1[6:16], p1[6:16])
+    for p, m in rounds:
+        assert not p[:6].any() and not p[16:].any() and not m[:6].any()
+
+
+def random_trajectory(rng: np.random.Generator, vocab: int, advantage: float = 0.0) -> dipo.Trajectory:
+    """A prompt and a response whose blocks were committed over random increasing steps."""
+    prompt_len = int(rng.integers(1, 11))
+    end = (prompt_len // BLOCK + int(rng.integers(1, 4)) + 1) * BLOCK
+    steps, step = [], 0
+    for start in range(prompt_len // BLOCK * BLOCK, end, BLOCK):
+        n = min(start + BLOCK, end) - max(start, prompt_len)
+        groups = rng.integers(0, n, n)  # committed at one of up to n steps of this block
+        order = {g: i for i, g in enumerate(sorted(set(groups.tolist())))}
+        steps += [step + 1 + order[g] for g in groups.tolist()]
+        step += len(order)
+    response = rng.integers(0, vocab - 2, len(steps)).tolist()
+    return dipo.Trajectory(prompt=rng.integers(0, vocab - 2, prompt_len).tolist(), response=response,
+                           step_map=steps, num_loss_tokens=int(rng.integers(1, len(steps) + 1)),
+                           advantage=advantage)
+
+
+def test_round_expansion_properties(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(30):
+        traj = random_trajectory(rng, 50)
+        step_map = np.r_[np.full(len(traj.prompt), -1), traj.step_map]
+        rounds = dipo.expand_rounds(step_map, BLOCK)
+        scored = np.sum([p for p, _ in rounds], axis=0)
+        np.testing.assert_array_equal(scored, step_map > 0)  # every response token scored once
+        blocks = np.arange(len(step_map)) // BLOCK
+        for p, m in rounds:
+            assert (m >= p).all()
+            for b in np.unique(blocks[p]):
+                s = step_map[(blocks == b) & p][0]
+                in_block = (blocks == b) & (step_map > 0)
+                np.testing.assert_array_equal(m[in_block], step_map[in_block] >= s)
+        assert len(rounds) == max(len(set(step_map[(blocks == b) & (step_map > 0)]))
+                                  for b in np.unique(blocks[step_map > 0]))
+
+
+def per_round_logprobs(model, traj: dipo.Trajectory, mask_token_id: int, temperature: float) -> np.ndarray:
+    """The original's layout: one two-stream forward per round, scored at the noisy copies."""
+    tokens = np.array(list(traj.prompt) + list(traj.response))
+    step_map = np.r_[np.full(len(traj.prompt), -1), traj.step_map]
+    out = np.zeros(len(tokens))
+    for p_mask, masked in dipo.expand_rounds(step_map, BLOCK):
+        noisy = np.where(masked, mask_token_id, tokens)
+        canvas, noisy_slot = canvas_lib.two_stream_canvas(
+            tokens[None], noisy[None], np.arange(len(tokens))[None],
+            np.zeros((1, len(tokens)), np.int32), BLOCK)
+        logits = np.asarray(model(canvas=canvas, attn_impl="reference"), np.float64)[0]
+        logits = logits / (temperature or 1.0)
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        for j in np.flatnonzero(p_mask):
+            slot = int(noisy_slot[0, j])
+            out[j] = logits[slot, tokens[j]] - logz[slot]
+    return out[len(traj.prompt):]
+
+
+def packed_logprobs(model, trajectories, mask_token_id: int, temperature: float, row_length: int,
+                    attn_impl: str = "auto"):
+    packed = dipo.pack_rounds(trajectories, block_size=BLOCK, mask_token_id=mask_token_id,
+                              row_length=row_length)
+    logits = model(canvas=packed.canvas, attn_impl=attn_impl)
+    logp = np.asarray(dipo.token_logprobs(logits, jnp.asarray(packed.score_row),
+                                          jnp.asarray(packed.score_slot),
+                                          jnp.asarray(packed.score_token), temperature))
+    per_traj = []
+    for i, traj in enumerate(trajectories):
+        rows = packed.score_trajectory == i
+        # scored tokens come in round order; map them back to response positions
+        positions = packed.canvas.positions[packed.score_row[rows], packed.score_slot[rows]]
+        out = np.zeros(len(traj.response))
+        out[positions - len(traj.prompt)] = logp[rows]
+        per_traj.append(out)
+    return packed, per_traj
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_single_pass_canvas_equals_one_forward_per_round(seed, temperature):
+    rng = np.random.default_rng(seed)
+    config = tiny_config(block_size=BLOCK)
+    model = random_model(config, seed)
+    trajectories = [random_trajectory(rng, config.vocab_size) for _ in range(5)]
+    packed, got = packed_logprobs(model, trajectories, config.mask_token_id, temperature, 96)
+    assert packed.canvas.shape[0] < len(trajectories)  # trajectories were packed together
+    for traj, logp in zip(trajectories, got):
+        np.testing.assert_allclose(logp, per_round_logprobs(model, traj, config.mask_token_id,
+                                                            temperature), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("strategy,temperature,top_k", [
+    ("low_confidence_static", 0.0, 0), ("low_confidence_dynamic", 0.0, 0),
+    ("low_confidence_dynamic", 1.0, 5)])
+def test_trainer_logprobs_equal_the_sampler_on_real_rollouts(seed, strategy, temperature, top_k):
+    """Ratio = 1 at the first PPO iteration: the packed canvas recomputes the sampler's log-probs,
+    and the single pass needs far fewer tokens than one two-stream forward per round."""
+    from test_sampler import peaky_model
+    config, model = peaky_model(seed)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(10, 55, n).tolist() for n in (5, 8, 13, 3)]
+    cfg = SamplingConfig(block_size=BLOCK, mask_token_id=config.mask_token_id, strategy=strategy,
+                         steps=2 if strategy == "low_confidence_static" else None, threshold=0.5,
+                         max_new_tokens=16, temperature=temperature, top_k=top_k, stop_ids=(7,))
+    results = decode_prompts(model, prompts, cfg, seed=seed)
+    trajectories = [dipo.Trajectory(p, r["token_ids"], r["step_map"], r["length"])
+                    for p, r in zip(prompts, results)]
+    packed, got = packed_logprobs(model, trajectories, config.mask_token_id, temperature, 256)
+    for result, logp in zip(results, got):
+        np.testing.assert_allclose(logp, result["logprobs"], atol=1e-5, rtol=0)
+    single_pass = packed.tokens_per_trajectory.sum()
+    per_round = sum(2 * (len(t.prompt) + len(t.response))
+                    * len(dipo.expand_rounds(np.r_[[-1] * len(t.prompt), t.step_map], BLOCK))
+                    for t in trajectories)
+    assert single_pass < per_round
+    assert packed.score_loss.sum() == sum(r["length"] for r in results)
+
+
+def test_pack_rounds_rejects_bad_inputs():
+    traj = dipo.Trajectory([1, 2], [3, 4], [1], 2)
+    with pytest.raises(ValueError, match="step_map"):
+        dipo.pack_rounds([traj], block_size=BLOCK, mask_token_id=9, row_length=64)
+    long = dipo.Trajectory([1] * 30, [3, 4], [1, 1], 2)
+    with pytest.raises(ValueError, match="trajectory 0 needs 36 canvas slots; row_length is 32"):
+        dipo.pack_rounds([long], block_size=BLOCK, mask_token_id=9, row_length=32)
+
+
+def test_group_advantages_and_dynamic_sampling():
+    rewards = np.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.0]])
+    z = dipo.group_advantages(rewards)
+    np.testing.assert_allclose(z[0], [1, -1, -1, 1], atol=1e-5)  # population std = 0.5
+    np.testing.assert_allclose(z[1], 0.0)
+    np.testing.assert_allclose(z[2], np.array([-0.125, -0.125, 0.375, -0.125]) / (np.sqrt(0.046875) + 1e-6))
+    np.testing.assert_allclose(dipo.group_advantages(rewards, "center")[0], [0.5, -0.5, -0.5, 0.5])
+    with pytest.raises(ValueError, match="available: zscore, center"):
+        dipo.group_advantages(rewards, "rank")
+    correct = np.array([[1, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], bool)
+    np.testing.assert_array_equal(dipo.informative_groups(correct), [True, False, False, True])
+
+
+def numpy_loss(logp, old, adv, weight, eps_low, eps_high, clamp, beta, ref):
+    ratio = np.exp(np.clip(logp - old, -clamp, clamp))
+    surrogate = np.minimum(ratio * adv, np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv)
+    x = ref - logp
+    k3 = np.exp(np.clip(x, -clamp, clamp)) - 1 - x
+    return (-(weight * surrogate).sum() + beta * (weight * k3).sum()) / max(weight.sum(), 1)
+
+
+def test_loss_matches_float64_reference(seed):
+    rng = np.random.default_rng(seed)
+    n = 400
+    logp = rng.normal(-2, 1, n)
+    old = logp + rng.normal(0, 0.4, n)
+    old[:20] = logp[:20] + rng.choice([-15, 15], 20)  # beyond the ±10 log-ratio clamp
+    adv = rng.normal(0, 1, n)
+    ref = logp + rng.normal(0, 0.5, n)
+    weight = (rng.random(n) < 0.8).astype(float)
+    cfg = dipo.LossConfig(eps_low=0.2, eps_high=0.28, log_ratio_clamp=10.0, beta=0.1)
+    ratio = np.exp(np.clip(logp - old, -10, 10))
+    for branch in (ratio * adv > np.clip(ratio, 0.8, 1.28) * adv, ratio * adv < np.clip(ratio, 0.8, 1.28) * adv):
+        assert branch.sum() > 20  # both clip branches are exercised
+    got = dipo.dipo_loss(*(jnp.asarray(x, jnp.float32) for x in (logp, old, adv, weight)), cfg,
+                         logp_ref=jnp.asarray(ref, jnp.float32))
+    want = numpy_loss(logp, old, adv, weight, 0.2, 0.28, 10.0, 0.1, ref)
+    assert abs(float(got) - want) <= 1e-5 * max(1.0, abs(want))
+
+
+def test_loss_terms_worked_examples():
+    """DIRL_SPEC §10.4: ratio 1.105 → 1.105, 0.368 → 0.368, A = -1 → -1; k3 0.00484, 0.71828."""
+    cfg = dipo.LossConfig()
+    surrogate, _ = dipo.dipo_token_terms(jnp.array([0.1, -1.0, 0.0]), jnp.zeros(3),
+                                         jnp.array([1.0, 1.0, -1.0]), cfg)
+    np.testing.assert_allclose(surrogate, [np.exp(0.1), np.exp(-1.0), -1.0], rtol=1e-6)
+    _, k3 = dipo.dipo_token_terms(jnp.zeros(2), jnp.zeros(2), jnp.ones(2), cfg,
+                                  logp_ref=jnp.array([-0.1, 1.0]))
+    np.testing.assert_allclose(k3, [0.00484, 0.71828], atol=1e-5)
