@@ -1,0 +1,75 @@
+"""Answer extraction, math-verify grading under a timeout, and the reward registry."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from dirl_jax.rewards import REWARDS, Response, extract_last_boxed, grade, weighted_rewards
+from dirl_jax.rewards.grading import run_with_timeout
+
+
+@pytest.mark.parametrize("text,expected", [
+    (r"so \boxed{42}.", "42"),
+    (r"\boxed{1} then \boxed{\frac{a}{b}}", r"\frac{a}{b}"),
+    ("boxed{7} without a backslash", "7"),
+    (r"\boxed{\{1,2\}}", r"\{1,2\}"),
+    (r"\boxed{unbalanced", None),
+    ("no answer", None),
+])
+def test_extract_last_boxed(text, expected):
+    assert extract_last_boxed(text) == expected
+
+
+@pytest.mark.parametrize("response,gold,correct", [
+    (r"The answer is \boxed{\frac{1}{2}}", "0.5", True),
+    (r"\boxed{x^2+2x+1}", "(x+1)^2", True),
+    (r"\boxed{\sqrt{4}}", "2", True),
+    (r"\boxed{3}", "4", False),
+    (r"\boxed{}", "4", False),
+    ("4 without a box", "4", False),
+])
+def test_grade_with_math_verify(response, gold, correct):
+    assert grade(response, gold) is correct
+
+
+def test_a_call_past_the_timeout_counts_as_wrong_and_the_pool_recovers():
+    start = time.perf_counter()
+    assert run_with_timeout(time.sleep, 30, timeout=0.5) == (False, None)
+    assert time.perf_counter() - start < 10
+    assert grade(r"\boxed{\frac{6}{3}}", "2")  # a fresh worker after the killed one
+
+
+def response(text="", correct=True, num_tokens=10, max_tokens=100, truncated=False) -> Response:
+    return Response(text=text, correct=correct, num_tokens=num_tokens, max_tokens=max_tokens,
+                    truncated=truncated)
+
+
+def test_reward_values():
+    assert REWARDS["accuracy"](response()) == 1.0
+    assert REWARDS["accuracy"](response(truncated=True)) == 0.0  # the engine's finish reason
+    assert REWARDS["binary"](response(correct=False)) == -1.0
+    assert REWARDS["cosine"](response(num_tokens=0)) == pytest.approx(1.0)
+    assert REWARDS["cosine"](response(num_tokens=50)) == pytest.approx(0.75)
+    assert REWARDS["cosine"](response(correct=False, num_tokens=0)) == pytest.approx(-0.5)
+    assert REWARDS["cosine"](response(correct=False, num_tokens=50)) == pytest.approx(-0.25)
+    assert REWARDS["cosine"](response(num_tokens=100)) == -0.5
+    assert REWARDS["boxed"](response(text=r"\boxed{1}")) == 0.1
+    assert REWARDS["repetition"](response(text="a b c a b c")) == pytest.approx(-(1 - 3 / 4))
+    assert REWARDS["length"](response(num_tokens=25)) == 0.25
+    assert REWARDS["format"](response(text="<think>x</think> y")) == 1.0
+
+
+def test_weighted_rewards_and_errors():
+    rs = [response(correct=True, num_tokens=50), response(correct=False, num_tokens=0)]
+    np.testing.assert_allclose(weighted_rewards(rs, ["accuracy", "cosine"], [2.0, 1.0]),
+                               [2.0 + 0.75, -0.5])
+    assert weighted_rewards(rs, ["accuracy"]).tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="unknown reward 'speedy'; available: accuracy, binary"):
+        weighted_rewards(rs, ["speedy"])
+    with pytest.raises(ValueError, match="1 given for 2 rewards"):
+        weighted_rewards(rs, ["accuracy", "boxed"], [1.0])
+    assert math.isclose(REWARDS["cosine"](response(num_tokens=25)), 1.0 - 0.5 * (1 - math.cos(math.pi / 4)) / 2)
