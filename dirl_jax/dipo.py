@@ -214,3 +214,69 @@ def dipo_loss(logp: jax.Array, logp_old: jax.Array, advantage: jax.Array, weight
     surrogate, k3 = dipo_token_terms(logp, logp_old, advantage, cfg, logp_ref)
     count = jnp.maximum(jnp.sum(weight), 1.0)
     return (-jnp.sum(weight * surrogate) + cfg.beta * jnp.sum(weight * k3)) / count
+
+
+# ----------------------------------------------------------------------------- objective
+def batch_arrays(packed: PackedRounds, trajectories: Sequence[Trajectory], old_logprobs: np.ndarray,
+                 *, rows: int, num_scored: int) -> dict[str, np.ndarray]:
+    """Host arrays of fixed shapes (one compiled step for every batch): canvas rows padded to
+    ``rows`` and scored tokens padded to ``num_scored`` with zero weight.
+
+    ``old_logprobs`` are aligned with ``packed.score_*`` (the sampler's, or recomputed once per
+    rollout batch for later PPO iterations).
+    """
+    have_rows, length = packed.canvas.shape
+    count = len(packed.score_row)
+    if have_rows > rows or count > num_scored:
+        raise ValueError(f"batch needs {have_rows} canvas rows and {count} scored tokens; the step is "
+                         f"compiled for {rows} rows and {num_scored} tokens")
+
+    def pad_rows(x: np.ndarray, fill: int) -> np.ndarray:
+        return np.pad(np.asarray(x), ((0, rows - have_rows), (0, 0)), constant_values=fill)
+
+    def pad_scored(x: np.ndarray, dtype) -> np.ndarray:
+        return np.pad(np.asarray(x, dtype), (0, num_scored - count))
+
+    advantages = np.array([t.advantage for t in trajectories], np.float32)
+    out = {name: pad_rows(getattr(packed.canvas, name), fill) for name, fill in
+           (("tokens", 0), ("positions", 0), ("stream_ids", 0), ("block_ids", 0),
+            ("segment_ids", canvas_lib.PADDING_SEGMENT))}
+    out.update(score_row=pad_scored(packed.score_row, np.int32),
+               score_slot=pad_scored(packed.score_slot, np.int32),
+               score_token=pad_scored(packed.score_token, np.int32),
+               advantage=pad_scored(advantages[packed.score_trajectory], np.float32),
+               old_logp=pad_scored(old_logprobs, np.float32),
+               weight=pad_scored(packed.score_loss, np.float32))
+    return out
+
+
+def dipo_objective(model, batch: dict[str, jax.Array], cfg: LossConfig, *, temperature: float,
+                   attn_impl: str = "auto", ref_logp: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The DiPO loss of one packed batch and its statistics.
+
+    One forward over the multi-round canvas scores every committed token at the rollout
+    temperature; ``log_ratio_abs_max`` (against ``old_logp``) is ~0 at the first PPO iteration
+    when the old log-probs are the sampler's, which checks that engine and trainer agree.
+    """
+    canvas = canvas_lib.Canvas(tokens=batch["tokens"], positions=batch["positions"],
+                               segment_ids=batch["segment_ids"], stream_ids=batch["stream_ids"],
+                               block_ids=batch["block_ids"])
+    hidden = model.hidden_states(canvas=canvas, attn_impl=attn_impl)
+    picked = hidden[batch["score_row"], batch["score_slot"]]
+    logits = model.logits(picked).astype(jnp.float32) / (temperature or 1.0)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.take_along_axis(log_probs, batch["score_token"][:, None], axis=-1)[:, 0]
+    weight = batch["weight"]
+    loss = dipo_loss(logp, batch["old_logp"], batch["advantage"], weight, cfg, ref_logp)
+    log_ratio = jnp.where(weight > 0, logp - batch["old_logp"], 0.0)
+    ratio = jnp.exp(log_ratio)
+    count = jnp.maximum(jnp.sum(weight), 1.0)
+    clipped = (ratio < 1 - cfg.eps_low) | (ratio > 1 + cfg.eps_high)
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+    stats = {"log_ratio_abs_max": jnp.max(jnp.abs(log_ratio)),
+             "ratio_mean": jnp.sum(weight * ratio) / count,
+             "clip_fraction": jnp.sum(weight * clipped) / count,
+             "entropy": jnp.sum(weight * entropy) / count,
+             "loss_tokens": jnp.sum(weight)}
+    return loss, stats

@@ -200,3 +200,47 @@ def test_loss_terms_worked_examples():
     _, k3 = dipo.dipo_token_terms(jnp.zeros(2), jnp.zeros(2), jnp.ones(2), cfg,
                                   logp_ref=jnp.array([-0.1, 1.0]))
     np.testing.assert_allclose(k3, [0.00484, 0.71828], atol=1e-5)
+
+
+def test_objective_starts_at_ratio_one_and_a_step_follows_the_advantages(seed):
+    import jax
+    from flax import nnx
+    from test_sampler import peaky_model
+    config, model = peaky_model(seed)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(10, 55, n).tolist() for n in (5, 8, 13, 3)]
+    cfg = SamplingConfig(block_size=BLOCK, mask_token_id=config.mask_token_id, threshold=0.5,
+                         max_new_tokens=12, temperature=1.0, top_k=5)
+    results = decode_prompts(model, prompts, cfg, seed=seed)
+    advantages = [1.0, 1.0, -1.0, -1.0]
+    trajectories = [dipo.Trajectory(p, r["token_ids"], r["step_map"], len(r["token_ids"]), a)
+                    for p, r, a in zip(prompts, results, advantages)]
+    packed = dipo.pack_rounds(trajectories, block_size=BLOCK, mask_token_id=config.mask_token_id,
+                              row_length=128)
+    position = packed.canvas.positions[packed.score_row, packed.score_slot]
+    old = np.array([results[i]["logprobs"][p - len(prompts[i])]
+                    for i, p in zip(packed.score_trajectory, position)])
+    batch = {k: jnp.asarray(v) for k, v in
+             dipo.batch_arrays(packed, trajectories, old, rows=4, num_scored=160).items()}
+    loss_cfg = dipo.LossConfig()
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def objective(params):
+        return dipo.dipo_objective(nnx.merge(graphdef, params), batch, loss_cfg, temperature=1.0)
+
+    (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    assert float(stats["log_ratio_abs_max"]) < 1e-4  # engine and trainer agree
+    assert float(stats["ratio_mean"]) == pytest.approx(1.0, abs=1e-5)
+    assert int(stats["loss_tokens"]) == len(packed.score_row)
+    norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads)))
+    stepped = jax.tree.map(lambda p, g: p - 1e-3 * g / norm, params, grads)  # a small, first-order step
+    after = objective(stepped)[1]
+    # a small step along -grad raises the advantage-weighted log-probs (the surrogate at ratio 1)
+    new_logp = np.asarray(dipo.token_logprobs(
+        nnx.merge(graphdef, stepped)(canvas=packed.canvas), jnp.asarray(packed.score_row),
+        jnp.asarray(packed.score_slot), jnp.asarray(packed.score_token), 1.0))
+    sign = np.array(advantages)[packed.score_trajectory]
+    assert float(np.sum(sign * (new_logp - old))) > 0
+    assert float(after["log_ratio_abs_max"]) > 1e-6  # the step moved the policy
+    with pytest.raises(ValueError, match="compiled for 1 rows"):
+        dipo.batch_arrays(packed, trajectories, old, rows=1, num_scored=160)
