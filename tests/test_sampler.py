@@ -195,3 +195,23 @@ def test_data_parallel_decoding_over_a_mesh_equals_one_device(seed):
     for got, want in zip(sharded, decode_prompts(model, prompts, cfg)):
         assert got["token_ids"] == want["token_ids"] and got["step_map"] == want["step_map"]
         np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
+
+
+def test_in_process_engine_samples_from_the_updated_weights(seed):
+    import jax
+    from flax import nnx
+
+    from dirl_jax.rollout.engine import InProcessEngine
+    config, model = peaky_model(seed)
+    other_config, other = peaky_model(seed + 1)
+    engine = InProcessEngine(model)
+    prompts = random_prompts(np.random.default_rng(seed))
+    cfg = sampling(config, strategy="low_confidence_dynamic")
+    before = engine.generate(prompts, cfg, seed=0)
+    assert before == decode_prompts(model, prompts, cfg)
+    engine.update_weights(nnx.state(other, nnx.Param))
+    after = engine.generate(prompts, cfg, seed=0)
+    assert after == decode_prompts(other, prompts, cfg)
+    assert after != before
+    leaves = jax.tree.leaves(nnx.state(engine.model, nnx.Param))
+    assert all(a is b for a, b in zip(leaves, jax.tree.leaves(nnx.state(other, nnx.Param))))

@@ -1,0 +1,47 @@
+"""The rollout-engine interface the RL loop talks to, and its in-process JAX implementation.
+
+An engine turns token-id prompts into sampled responses with step maps and log-probs
+(``generate``) and takes fresh policy parameters after every update (``update_weights``). The
+LMDeploy client (``torch_bridge``) implements the same two methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import jax
+from flax import nnx
+
+from dirl_jax.model.sdar import SDARForCausalLM
+from dirl_jax.rollout.sampler import SamplingConfig, decode_prompts
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+                 seed: int) -> list[dict[str, Any]]:
+        """One result per prompt (see :func:`dirl_jax.rollout.sampler.decode_prompts`)."""
+
+    def update_weights(self, params: nnx.State) -> None:
+        """Makes the next ``generate`` sample from ``params`` (an ``nnx.Param`` state)."""
+
+
+class InProcessEngine:
+    """Decodes with the trainer's own model on the trainer's devices.
+
+    ``update_weights`` swaps the parameter arrays in place (no host round trip, no disk): the
+    engine and the trainer share device buffers.
+    """
+
+    def __init__(self, model: SDARForCausalLM, *, pad_token_id: int = 0,
+                 mesh: jax.sharding.Mesh | None = None):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.mesh = mesh
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+                 seed: int) -> list[dict[str, Any]]:
+        return decode_prompts(self.model, [list(p) for p in prompts], sampling, seed=seed,
+                              pad_token_id=self.pad_token_id, mesh=self.mesh)
+
+    def update_weights(self, params: nnx.State) -> None:
+        nnx.update(self.model, params)
