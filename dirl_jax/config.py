@@ -87,3 +87,66 @@ def check_model_block_size(config: ConfigDict, model_block_size: int) -> None:
         raise ConfigValueError(
             f"config.diffusion.block_size ({config.diffusion.block_size}) differs from the model's "
             f"block_size ({model_block_size}) in {config.init_from}/config.json")
+
+
+def dipo_defaults() -> ConfigDict:
+    """Every field of a DiPO run, with defaults; configs/dipo_*.py start from here."""
+    config = ConfigDict()
+    config.task = "dipo"
+    config.run_dir = "runs/dipo"
+    config.seed = 0
+    config.init_from = ""                 # an SFT run directory (its export/) or a HF directory / hub id
+    config.tokenizer = ""                 # default: the tokenizer next to init_from's weights
+    config.model = ConfigDict(dict(attention_impl="auto", remat=False))
+    config.data = ConfigDict(dict(
+        source="builtin:arithmetic",      # question/ground_truth_answer .jsonl/.json/.parquet, HF name, builtin
+        split="train", prompt_template="",  # "" = DiRL's rollout prompt (builtin: the SFT chat format)
+        builtin_train_size=20000, builtin_eval_size=500, builtin_max_operand=19))
+    config.rollout = ConfigDict(dict(
+        prompts_per_step=8, group_size=8, strategy="low_confidence_dynamic", steps=0,
+        threshold=0.9, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0))
+    config.rewards = ConfigDict(dict(names=("accuracy",), weights=(), grade_timeout=10.0))
+    config.train = ConfigDict(dict(
+        num_steps=50, learning_rate=1e-5, warmup_steps=0, schedule="constant", min_lr_ratio=1.0,
+        weight_decay=0.0, decay_norms=False, b1=0.9, b2=0.999, adam_eps=1e-8, max_grad_norm=1.0,
+        compute_dtype="float32", param_dtype="float32", log_every=1, ppo_iterations=1,
+        eps_low=0.2, eps_high=0.28, log_ratio_clamp=10.0, advantage="zscore",
+        dynamic_sampling=True, max_sampling_rounds=4, canvas_rows=8, row_length=1024,
+        max_log_ratio=0.01))              # |log ratio| allowed between sampler and trainer at iteration 0
+    config.checkpoint = ConfigDict(dict(every_steps=10, keep=2))
+    config.eval = ConfigDict(dict(num_examples=200, every_steps=10, max_new_tokens=32,
+                                  batch_size=100, strategy="low_confidence_static", steps=0,
+                                  threshold=0.9))
+    config.export = ConfigDict(dict(enabled=True, dtype="bfloat16"))
+    return config
+
+
+def validate_dipo(config: ConfigDict) -> None:
+    """Raises ConfigValueError naming the first inconsistent field of a DiPO config."""
+
+    def check(ok: bool, field: str, message: str) -> None:
+        if not ok:
+            raise ConfigValueError(f"config.{field}: {message}")
+
+    r, t = config.rollout, config.train
+    check(config.task == "dipo", "task", f"must be 'dipo', got {config.task!r}")
+    check(bool(config.run_dir), "run_dir", "must be set")
+    check(bool(config.init_from), "init_from", "must name an SFT run directory or a HF checkpoint")
+    check(t.num_steps > 0, "train.num_steps", f"must be positive, got {t.num_steps}")
+    check(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be positive")
+    check(r.group_size > 1, "rollout.group_size", f"must be > 1 (group advantages), got {r.group_size}")
+    check(r.strategy in UNMASKING_STRATEGIES, "rollout.strategy",
+          f"must be one of {UNMASKING_STRATEGIES}, got {r.strategy!r}")
+    check(config.eval.strategy in UNMASKING_STRATEGIES, "eval.strategy",
+          f"must be one of {UNMASKING_STRATEGIES}, got {config.eval.strategy!r}")
+    check(t.advantage in ("zscore", "center"), "train.advantage",
+          f"must be 'zscore' or 'center', got {t.advantage!r}")
+    check(t.ppo_iterations > 0, "train.ppo_iterations", "must be positive")
+    check(t.max_sampling_rounds > 0, "train.max_sampling_rounds", "must be positive")
+    check(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
+    check(not config.rewards.weights or len(config.rewards.weights) == len(config.rewards.names),
+          "rewards.weights", f"needs one weight per reward in {tuple(config.rewards.names)}")
+    check(config.model.attention_impl in IMPLEMENTATIONS, "model.attention_impl",
+          f"must be one of {IMPLEMENTATIONS}, got {config.model.attention_impl!r}")
+    for name in ("compute_dtype", "param_dtype"):
+        check(t[name] in DTYPES, f"train.{name}", f"must be one of {DTYPES}, got {t[name]!r}")

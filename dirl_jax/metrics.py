@@ -11,6 +11,11 @@ from typing import Any
 from tensorboardX import SummaryWriter
 
 
+# Printed on the console line when a row has them (SFT: masked fraction; DiPO: accuracies).
+_OPTIONAL_FIELDS = (("masked_fraction", "masked"), ("rollout_accuracy", "rollout acc"),
+                    ("eval_accuracy", "eval acc"), ("log_ratio_abs_max", "|log ratio|"))
+
+
 def _format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
@@ -51,12 +56,20 @@ class MetricsWriter:
         done = last["step"] - self._start_step
         elapsed = time.time() - self._start_time
         eta = elapsed / max(done, 1) * (self.total_steps - last["step"])
+        extras = "".join(f"{label} {last[key]:.3f} | " for key, label in _OPTIONAL_FIELDS if key in last)
         print(f"step {last['step']}/{self.total_steps} | loss {last['loss']:.4f} | "
-              f"lr {last['lr']:.2e} | grad_norm {last['grad_norm']:.3f} | "
-              f"masked {last.get('masked_fraction', 0):.2f} | "
+              f"lr {last['lr']:.2e} | grad_norm {last['grad_norm']:.3f} | {extras}"
               f"{last['tokens_per_s']:,.0f} tok/s | eta {_format_duration(eta)}", flush=True)
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
             self._tensorboard.close()
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Writes ``obj`` as JSON to ``path`` through a temporary file (no half-written files)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)

@@ -1,11 +1,12 @@
-"""``python -m dirl_jax.train --config configs/sft_tiny.py [--config.a.b=v ...]``: blockwise
-diffusion SFT with exact gradient accumulation, orbax checkpoints with exact resume, metrics,
-final held-out evaluation and HF export."""
+"""``python -m dirl_jax.train --config configs/<name>.py [--config.a.b=v ...]``.
+
+``task = "sft"``: blockwise diffusion SFT with exact gradient accumulation, orbax checkpoints with
+exact resume, metrics, final held-out evaluation and HF export. ``task = "dipo"``: online RL
+(:mod:`dirl_jax.dipo_train`)."""
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -13,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app
 from absl import logging as absl_logging
@@ -26,12 +26,11 @@ from dirl_jax.config import check_model_block_size, validate
 from dirl_jax.data import sft as sft_data
 from dirl_jax.data import toy
 from dirl_jax.data.tokenizer import load_tokenizer
-from dirl_jax.metrics import MetricsWriter
+from dirl_jax.evaluate_builtin import evaluate_builtin
+from dirl_jax.metrics import MetricsWriter, write_json_atomic
 from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
 from dirl_jax.model.hf_io import resolve_dtype
-from dirl_jax.rollout.sampler import generate
 from dirl_jax.optim import learning_rate_schedule, make_optimizer
-from dirl_jax.rewards import extract_last_boxed
 
 log = logging.getLogger(__name__)
 BUILTIN_TOKENIZER = "builtin:toy"
@@ -128,39 +127,7 @@ def step_key(base_key: jax.Array, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(base_key, step), jax.process_index())
 
 
-# ----------------------------------------------------------------------------- evaluation
-def evaluate_builtin(model: SDARForCausalLM, model_config: SDARConfig, tokenizer,
-                     records: list[dict[str, Any]], config: ConfigDict) -> dict[str, Any]:
-    """Held-out exact match of the boxed answer under greedy block-diffusion decoding."""
-    records = records[:config.eval.num_examples]
-    stop_ids = [tokenizer.convert_tokens_to_ids(toy.IM_END), tokenizer.pad_token_id]
-    correct, tokens_per_step = 0, []
-    for start in range(0, len(records), config.eval.batch_size):
-        chunk = records[start:start + config.eval.batch_size]
-        prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in chunk]
-        results = generate(
-            model, prompts, block_size=model_config.block_size, temperature=0.0,
-            mask_token_id=model_config.mask_token_id, pad_token_id=tokenizer.pad_token_id,
-            max_new_tokens=config.eval.max_new_tokens, stop_ids=stop_ids,
-            strategy=config.eval.strategy, steps=config.eval.steps or None,
-            threshold=config.eval.threshold, attn_impl=config.model.attention_impl)
-        for record, result in zip(chunk, results):
-            text = tokenizer.decode(result["token_ids"])
-            correct += extract_last_boxed(text) == record["answer"]
-            tokens_per_step.append(result["tokens_per_step"])
-    return {"accuracy": correct / max(len(records), 1), "num_examples": len(records),
-            "tokens_per_step": float(np.mean(tokens_per_step)) if tokens_per_step else 0.0,
-            "strategy": config.eval.strategy}
-
-
 # ----------------------------------------------------------------------------- the run
-def _write_json_atomic(path: str, obj: Any) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-
-
 def run_sft(config: ConfigDict) -> dict[str, Any]:
     """Runs (or resumes) SFT as configured; returns the final evaluation (if any)."""
     validate(config)
@@ -174,7 +141,7 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
     # Everything was validated: from here on the run directory is written.
     run_dir = os.path.abspath(config.run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    _write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+    write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
     if not os.path.isdir(tokenizer_dir):
         tokenizer.save_pretrained(tokenizer_dir + ".tmp")
@@ -230,7 +197,7 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
         print(f"held-out accuracy {result['accuracy']:.3f} on {result['num_examples']} examples "
               f"({result['strategy']}, {result['tokens_per_step']:.2f} tokens/step)", flush=True)
         if jax.process_index() == 0:
-            _write_json_atomic(os.path.join(run_dir, "eval.json"), result)
+            write_json_atomic(os.path.join(run_dir, "eval.json"), result)
     if config.export.enabled:
         save_model(model, model_config, os.path.join(run_dir, "export"), tokenizer_dir=tokenizer_dir,
                    dtype=config.export.dtype, overwrite=True)
@@ -247,7 +214,11 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         raise app.UsageError("--config configs/<name>.py is required")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
-    run_sft(_CONFIG.value)
+    if _CONFIG.value.task == "dipo":
+        from dirl_jax.dipo_train import run_dipo
+        run_dipo(_CONFIG.value)
+    else:
+        run_sft(_CONFIG.value)
 
 
 if __name__ == "__main__":
