@@ -37,10 +37,12 @@ def test_greedy_equals_the_naive_decoder(seed, strategy):
     config, model = peaky_model(seed)
     prompts = random_prompts(np.random.default_rng(seed))
     steps = 2 if strategy != "low_confidence_dynamic" else None
-    ours = decode_prompts(model, prompts, sampling(config, strategy=strategy, steps=steps))
+    threshold = 0.25  # low enough that dynamic steps commit several tokens with these models
+    ours = decode_prompts(model, prompts, sampling(config, strategy=strategy, steps=steps,
+                                                   threshold=threshold))
     naive = naive_generate(model, prompts, block_size=BLOCK, mask_token_id=config.mask_token_id,
                            pad_token_id=0, max_new_tokens=12, stop_ids=[STOP], strategy=strategy,
-                           steps=steps, threshold=0.5)
+                           steps=steps, threshold=threshold)
     for got, want in zip(ours, naive):
         assert got["token_ids"] == want["token_ids"]
         assert got["step_map"] == want["step_map"]
