@@ -12,6 +12,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 
 class Checkpointer:
@@ -52,3 +53,23 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a tree of arrays, for restoring into."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def start_or_resume(model: Any, tx: Any, run_dir: str, checkpoint_config: Any,
+                    data_iterator: Any) -> tuple[Any, Any, Any, Checkpointer, int]:
+    """Splits ``model`` into ``(graphdef, params)``, initialises ``tx``'s state and restores the
+    latest checkpoint of ``run_dir`` (parameters, optimizer, ``data_iterator`` position) if any.
+
+    Returns ``graphdef, params, opt_state, checkpointer, start_step``.
+    """
+    graphdef, params = nnx.split(model, nnx.Param)
+    opt_state = tx.init(params)
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
+                                every_steps=checkpoint_config.every_steps, keep=checkpoint_config.keep)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, _ = checkpointer.restore(start, abstract_like({"params": params, "opt_state": opt_state}),
+                                        data_iterator)
+        params, opt_state = state["params"], state["opt_state"]
+        print(f"resumed from {run_dir}/checkpoints/{start}", flush=True)
+    return graphdef, params, opt_state, checkpointer, start

@@ -15,6 +15,12 @@ class ConfigValueError(ValueError):
     """A run configuration field is missing, malformed or inconsistent."""
 
 
+def check(ok: bool, field: str, message: str) -> None:
+    """Raises ConfigValueError naming ``config.<field>`` unless ``ok``."""
+    if not ok:
+        raise ConfigValueError(f"config.{field}: {message}")
+
+
 def sft_defaults() -> ConfigDict:
     """Every field of an SFT run, with defaults; configs/*.py start from here."""
     config = ConfigDict()
@@ -48,11 +54,6 @@ def sft_defaults() -> ConfigDict:
 
 def validate(config: ConfigDict) -> None:
     """Raises ConfigValueError naming the first inconsistent field."""
-
-    def check(ok: bool, field: str, message: str) -> None:
-        if not ok:
-            raise ConfigValueError(f"config.{field}: {message}")
-
     t = config.train
     check(config.task == "sft", "task", f"must be 'sft', got {config.task!r}")
     check(bool(config.run_dir), "run_dir", "must be set")
@@ -123,11 +124,6 @@ def dipo_defaults() -> ConfigDict:
 
 def validate_dipo(config: ConfigDict) -> None:
     """Raises ConfigValueError naming the first inconsistent field of a DiPO config."""
-
-    def check(ok: bool, field: str, message: str) -> None:
-        if not ok:
-            raise ConfigValueError(f"config.{field}: {message}")
-
     r, t = config.rollout, config.train
     check(config.task == "dipo", "task", f"must be 'dipo', got {config.task!r}")
     check(bool(config.run_dir), "run_dir", "must be set")

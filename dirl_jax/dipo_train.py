@@ -24,12 +24,12 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from dirl_jax import dipo
-from dirl_jax.checkpoint import Checkpointer, abstract_like
+from dirl_jax.checkpoint import start_or_resume
 from dirl_jax.config import validate_dipo
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data import sft as sft_data
 from dirl_jax.data import toy
-from dirl_jax.data.tokenizer import load_tokenizer
+from dirl_jax.data.tokenizer import load_tokenizer, stop_token_ids
 from dirl_jax.evaluate_builtin import evaluate_builtin
 from dirl_jax.metrics import MetricsWriter, write_json_atomic
 from dirl_jax.model import load_model, save_model
@@ -165,8 +165,7 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     run_dir = os.path.abspath(config.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
-    stop_ids = tuple(i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id,
-                                 tokenizer.pad_token_id) if isinstance(i, int) and i >= 0)
+    stop_ids = stop_token_ids(tokenizer)
     sampling = SamplingConfig(block_size=model_config.block_size,
                               mask_token_id=model_config.mask_token_id, strategy=r.strategy,
                               steps=r.steps or None, threshold=r.threshold,
@@ -177,18 +176,11 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     stream = iter(rl_data.prompt_batches(len(prompts), prompts_per_step=r.prompts_per_step,
                                          seed=config.seed, process_index=jax.process_index(),
                                          process_count=jax.process_count()))
-    graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(t)
-    opt_state = tx.init(params)
-    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
-                                every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
-    start = checkpointer.latest_step() or 0
+    graphdef, params, opt_state, checkpointer, start = start_or_resume(
+        model, tx, run_dir, config.checkpoint, stream)
     if start:
-        state, _ = checkpointer.restore(start, abstract_like({"params": params, "opt_state": opt_state}),
-                                        stream)
-        params, opt_state = state["params"], state["opt_state"]
         engine.update_weights(params)
-        print(f"resumed from {run_dir}/checkpoints/{start}", flush=True)
     update = make_update(graphdef, tx, config)
     writer = MetricsWriter(run_dir, resume_step=start, total_steps=t.num_steps,
                            enabled=jax.process_index() == 0)

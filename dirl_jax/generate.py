@@ -40,7 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from dirl_jax.data.tokenizer import load_tokenizer, rollout_prompt
+    from dirl_jax.data.tokenizer import load_tokenizer, rollout_prompt, stop_token_ids
     from dirl_jax.model.hf_io import load_model
 
     args = parse_args(argv)
@@ -48,9 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.model)
     text = args.prompt if args.raw else rollout_prompt(args.prompt)
     prompt = tokenizer.encode(text, add_special_tokens=False)
-    stop_ids = [i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                            tokenizer.eos_token_id, tokenizer.pad_token_id)
-                if isinstance(i, int) and i >= 0]
+    stop_ids = stop_token_ids(tokenizer)
 
     def print_block(tokens: np.ndarray, positions: np.ndarray, completed: np.ndarray) -> None:
         if completed[0]:

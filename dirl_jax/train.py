@@ -21,7 +21,7 @@ from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
 from dirl_jax import diffusion
-from dirl_jax.checkpoint import Checkpointer, abstract_like
+from dirl_jax.checkpoint import start_or_resume
 from dirl_jax.config import check_model_block_size, validate
 from dirl_jax.data import sft as sft_data
 from dirl_jax.data import toy
@@ -154,17 +154,9 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
         examples, seq_len=config.data.max_length, rows=rows_per_host, seed=config.seed,
         pad_id=tokenizer.pad_token_id, process_index=jax.process_index(),
         process_count=jax.process_count(), packing_bins=config.data.packing_bins))
-    graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(train)
-    opt_state = tx.init(params)
-    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
-                                every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
-    start = checkpointer.latest_step() or 0
-    if start:
-        state, _ = checkpointer.restore(start, abstract_like({"params": params, "opt_state": opt_state}),
-                                        data_iter)
-        params, opt_state = state["params"], state["opt_state"]
-        print(f"resumed from {run_dir}/checkpoints/{start}", flush=True)
+    graphdef, params, opt_state, checkpointer, start = start_or_resume(
+        model, tx, run_dir, config.checkpoint, data_iter)
     train_step = make_train_step(graphdef, tx, config, model_config)
     base_key = jax.random.key(config.seed)
     writer = MetricsWriter(run_dir, resume_step=start, total_steps=train.num_steps,

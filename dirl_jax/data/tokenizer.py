@@ -27,3 +27,9 @@ def rollout_prompt(question: str) -> str:
     """The exact raw prompt string DiRL sends to its rollout servers (DIRL_SPEC §2.1)."""
     return (f"<|im_start|>user\n{question}\n{BOXED_INSTRUCTION}<|im_end|>\n"
             "<|im_start|>assistant\n")
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """Ids that end a response: ``<|im_end|>``, EOS and pad (those the tokenizer has)."""
+    ids = (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and i >= 0))
