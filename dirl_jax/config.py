@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 from dirl_jax.attention import IMPLEMENTATIONS
+from dirl_jax.dipo import AGGREGATIONS, worst_case_canvas_tokens
 from dirl_jax.rollout.unmasking import STRATEGIES as UNMASKING_STRATEGIES
 
 SCHEDULES = ("cosine", "constant")
@@ -105,14 +106,21 @@ def dipo_defaults() -> ConfigDict:
         builtin_train_size=20000, builtin_eval_size=500, builtin_max_operand=19))
     config.rollout = ConfigDict(dict(
         prompts_per_step=8, group_size=8, strategy="low_confidence_dynamic", steps=0,
-        threshold=0.9, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0))
+        threshold=0.9, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
+        oversample=1,                     # prompts drawn per sampling round = oversample x prompts_per_step
+        max_prompt_tokens=0))             # longer prompts are dropped; 0 = keep all
     config.rewards = ConfigDict(dict(names=("accuracy",), weights=(), grade_timeout=10.0))
     config.train = ConfigDict(dict(
         num_steps=50, learning_rate=1e-5, warmup_steps=0, schedule="constant", min_lr_ratio=1.0,
         weight_decay=0.0, decay_norms=False, b1=0.9, b2=0.999, adam_eps=1e-8, max_grad_norm=1.0,
         compute_dtype="float32", param_dtype="float32", log_every=1, ppo_iterations=1,
         eps_low=0.2, eps_high=0.28, log_ratio_clamp=10.0, advantage="zscore",
-        dynamic_sampling=True, max_sampling_rounds=4, canvas_rows=8, row_length=1024,
+        loss_aggregation="token_mean",    # token_mean (DAPO) / sequence_mean (GRPO) / step_mean (paper)
+        kl_beta=0.0,                      # k3 KL weight to the frozen init_from policy
+        old_logprobs="sampler",           # old policy: the sampler's log-probs or the trainer's
+        dynamic_sampling=True, max_sampling_rounds=4,
+        canvas_rows=8, row_length=1024,   # one micro-batch: rows x slots of the multi-round canvas
+        logprob_chunk=1024,               # scored tokens per vocabulary chunk
         max_log_ratio=0.01))              # |log ratio| allowed between sampler and trainer at iteration 0
     config.checkpoint = ConfigDict(dict(every_steps=10, keep=2))
     config.eval = ConfigDict(dict(num_examples=200, every_steps=10, max_new_tokens=32,
@@ -130,6 +138,8 @@ def validate_dipo(config: ConfigDict) -> None:
     check(bool(config.init_from), "init_from", "must name an SFT run directory or a HF checkpoint")
     check(t.num_steps > 0, "train.num_steps", f"must be positive, got {t.num_steps}")
     check(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be positive")
+    check(r.oversample >= 1, "rollout.oversample", f"must be >= 1, got {r.oversample}")
+    check(r.max_prompt_tokens >= 0, "rollout.max_prompt_tokens", "must be >= 0")
     check(r.group_size > 1, "rollout.group_size", f"must be > 1 (group advantages), got {r.group_size}")
     check(r.strategy in UNMASKING_STRATEGIES, "rollout.strategy",
           f"must be one of {UNMASKING_STRATEGIES}, got {r.strategy!r}")
@@ -138,6 +148,13 @@ def validate_dipo(config: ConfigDict) -> None:
     check(t.advantage in ("zscore", "center"), "train.advantage",
           f"must be 'zscore' or 'center', got {t.advantage!r}")
     check(t.ppo_iterations > 0, "train.ppo_iterations", "must be positive")
+    check(t.loss_aggregation in AGGREGATIONS, "train.loss_aggregation",
+          f"must be one of {AGGREGATIONS}, got {t.loss_aggregation!r}")
+    check(t.old_logprobs in ("sampler", "trainer"), "train.old_logprobs",
+          f"must be 'sampler' or 'trainer', got {t.old_logprobs!r}")
+    check(t.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {t.kl_beta}")
+    check(t.canvas_rows > 0 and t.row_length > 0 and t.logprob_chunk > 0,
+          "train.canvas_rows/row_length/logprob_chunk", "must be positive")
     check(t.max_sampling_rounds > 0, "train.max_sampling_rounds", "must be positive")
     check(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
     check(not config.rewards.weights or len(config.rewards.weights) == len(config.rewards.names),
@@ -146,3 +163,88 @@ def validate_dipo(config: ConfigDict) -> None:
           f"must be one of {IMPLEMENTATIONS}, got {config.model.attention_impl!r}")
     for name in ("compute_dtype", "param_dtype"):
         check(t[name] in DTYPES, f"train.{name}", f"must be one of {DTYPES}, got {t[name]!r}")
+
+
+def check_canvas_fits(config: ConfigDict, block_size: int) -> None:
+    """With a prompt cap, one canvas row must hold any trajectory's single-pass layout
+    (:func:`dirl_jax.dipo.worst_case_canvas_tokens`: one token committed per step)."""
+    r = config.rollout
+    if not r.max_prompt_tokens:
+        return
+    need = worst_case_canvas_tokens(r.max_prompt_tokens, r.max_new_tokens, block_size)
+    check(config.train.row_length >= need, "train.row_length",
+          f"({config.train.row_length}) cannot hold a trajectory of {r.max_prompt_tokens} prompt + "
+          f"{r.max_new_tokens} response tokens decoded one token per step ({need} canvas slots)")
+
+
+# DIRL_SPEC §7.1: the paper's evaluation decoding (block 4, 4 denoising steps per block, T = 1,
+# top-k 50, at least 128 new tokens); "static" commits one token per step, "dynamic" every token
+# above the confidence threshold.
+DECODING_PRESETS = {
+    "dirl_dynamic": dict(strategy="low_confidence_dynamic", steps=0, threshold=0.9, temperature=1.0,
+                         top_k=50, top_p=1.0, min_new_tokens=128),
+    "dirl_static": dict(strategy="low_confidence_static", steps=0, threshold=0.9, temperature=1.0,
+                        top_k=50, top_p=1.0, min_new_tokens=128),
+}
+
+
+def eval_defaults() -> ConfigDict:
+    """Every field of a benchmark evaluation (`python -m dirl_jax.evaluate`), with defaults."""
+    config = ConfigDict()
+    config.task = "evaluate"
+    config.model = ""                     # HF SDAR directory, hub id, or a training run directory
+    config.tokenizer = ""                 # default: the tokenizer next to the model's weights
+    config.output_dir = "runs/eval"
+    config.seed = 0
+    config.benchmarks = "math500,gsm8k,aime24,aime25,olympiadbench"  # comma-separated
+    config.data_dir = ""                  # default: the shared benchmark files (DIRL_BENCHMARK_DIR)
+    config.source = ""                    # one file or HF dataset name (with a single benchmark)
+    config.prompt_template = ""           # "" = DiRL's prompt (DIRL_SPEC §2.1)
+    config.limit = 0                      # first N questions per benchmark; 0 = all
+    config.samples_per_question = 16      # k: accuracy is the mean pass@1 over k samples
+    config.max_new_tokens = 8192
+    config.decoding = "dirl_dynamic"      # a DECODING_PRESETS name; the fields below override it
+    for name, kind in (("strategy", str), ("steps", int), ("threshold", float),
+                       ("temperature", float), ("top_k", int), ("top_p", float),
+                       ("min_new_tokens", int)):
+        config[name] = config_dict.placeholder(kind)
+    config.batch_size = 64                # prompts per engine call (per host)
+    config.engine = "jax"                 # "jax" (in-process) or "module:Class" of a RolloutEngine
+    config.servers = ""                   # for an external engine, e.g. comma-separated server URLs
+    config.compute_dtype = "bfloat16"
+    config.attention_impl = "auto"
+    config.grade_timeout = 10.0
+    return config
+
+
+def eval_decoding(config: ConfigDict) -> dict:
+    """The decoding preset named by ``config.decoding`` with the fields the config sets."""
+    preset = dict(DECODING_PRESETS[config.decoding])
+    return {k: preset[k] if config.get(k) is None else config[k] for k in preset}
+
+
+def validate_eval(config: ConfigDict) -> None:
+    """Raises ConfigValueError naming the first inconsistent field of an evaluation config."""
+    from dirl_jax.evaluation.benchmarks import BENCHMARKS
+    check(bool(config.model), "model", "must name a HF SDAR directory, hub id or run directory")
+    check(bool(config.output_dir), "output_dir", "must be set")
+    names = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
+    check(bool(names), "benchmarks", "must name at least one benchmark")
+    unknown = [b for b in names if b not in BENCHMARKS]
+    check(not unknown, "benchmarks", f"unknown {unknown}; available: {', '.join(BENCHMARKS)}")
+    check(not config.source or len(names) == 1, "source", "needs exactly one benchmark")
+    check(config.decoding in DECODING_PRESETS, "decoding",
+          f"must be one of {tuple(DECODING_PRESETS)}, got {config.decoding!r}")
+    decoding = eval_decoding(config)
+    check(decoding["strategy"] in UNMASKING_STRATEGIES, "strategy",
+          f"must be one of {UNMASKING_STRATEGIES}, got {decoding['strategy']!r}")
+    check(config.limit >= 0, "limit", f"must be >= 0, got {config.limit}")
+    check(config.samples_per_question > 0, "samples_per_question", "must be positive")
+    check(config.max_new_tokens > 0, "max_new_tokens", "must be positive")
+    check(config.batch_size > 0, "batch_size", "must be positive")
+    check(config.engine == "jax" or ":" in config.engine, "engine",
+          f"must be 'jax' or 'module:Class', got {config.engine!r}")
+    check(config.compute_dtype in DTYPES, "compute_dtype",
+          f"must be one of {DTYPES}, got {config.compute_dtype!r}")
+    check(config.attention_impl in IMPLEMENTATIONS, "attention_impl",
+          f"must be one of {IMPLEMENTATIONS}, got {config.attention_impl!r}")

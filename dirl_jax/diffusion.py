@@ -1,9 +1,8 @@
 """Blockwise masked diffusion: SFT noising and the 1/p-weighted cross-entropy (DIRL_SPEC §1.3-§1.5).
 
-The cross-entropy never materialises ``tokens x vocab`` logits: hidden states are scored against
-the output embedding ``chunk`` tokens at a time inside a rematerialised scan, so forward and
-backward memory is O(chunk x vocab). Masked positions are moved to the front first, and chunks
-holding no masked token are skipped.
+The cross-entropy never materialises ``tokens x vocab`` logits (see
+:mod:`dirl_jax.token_scores`); masked positions are moved to the front first, and chunks holding
+no masked token are skipped.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 
 from dirl_jax import canvas as canvas_lib
 from dirl_jax.data.sft import IGNORE
+from dirl_jax.token_scores import chunked_token_scores
 
 
 class Noised(NamedTuple):
@@ -63,37 +63,14 @@ def chunked_weighted_cross_entropy(hidden: jax.Array, output_embedding: jax.Arra
     """``sum_i weights_i * CE(hidden_i @ output_embedding.T, targets_i)`` in fp32.
 
     ``hidden [N, E]``, ``output_embedding [V, E]``, ``targets, weights [N]``. Tokens with zero
-    weight are moved to the back and chunks of only zero weights are skipped; each chunk's
-    logits are recomputed in the backward pass (``jax.checkpoint``).
+    weight are moved to the back so that chunks of only zero weights are skipped
+    (:func:`~dirl_jax.token_scores.chunked_token_scores`).
     """
-    n, dim = hidden.shape
     order = jnp.argsort(weights == 0, stable=True)
-    hidden, targets, weights = hidden[order], targets[order], weights[order]
-    pad = (-n) % chunk
-    hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
-    targets = jnp.pad(targets, (0, pad))
-    weights = jnp.pad(weights, (0, pad)).astype(jnp.float32)
-    num_chunks = (n + pad) // chunk
-
-    @jax.checkpoint
-    def chunk_loss(h: jax.Array, y: jax.Array, w: jax.Array) -> jax.Array:
-        logits = jnp.einsum("ne,ve->nv", h, output_embedding.astype(h.dtype),
-                            preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
-        return jnp.sum(w * (lse - target_logit))
-
-    def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
-        h, y, w = xs
-        loss = jax.lax.cond(jnp.any(w != 0), chunk_loss, lambda *_: jnp.zeros((), jnp.float32),
-                            h, y, w)
-        return total + loss, None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (hidden.reshape(num_chunks, chunk, dim),
-                             targets.reshape(num_chunks, chunk),
-                             weights.reshape(num_chunks, chunk)))
-    return total
+    weights = weights[order].astype(jnp.float32)
+    logp, _ = chunked_token_scores(hidden[order], output_embedding, targets[order], weights != 0,
+                                   chunk=chunk)
+    return -jnp.sum(weights * logp)
 
 
 class LossParts(NamedTuple):

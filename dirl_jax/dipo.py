@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dirl_jax import canvas as canvas_lib
+from dirl_jax.token_scores import chunked_token_scores
 
 NOT_RESPONSE = -1
+AGGREGATIONS = ("token_mean", "sequence_mean", "step_mean")
 
 
 def expand_rounds(step_map: np.ndarray, block_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -110,6 +112,14 @@ def _trajectory_layout(traj: Trajectory, block_size: int, mask_token_id: int) ->
     return layout
 
 
+def worst_case_canvas_tokens(prompt_tokens: int, response_tokens: int, block_size: int) -> int:
+    """Canvas slots of one trajectory when every block takes ``block_size`` rounds (one token
+    per step): the clean stream plus ``block_size`` copies of every block the response touches."""
+    first_block = prompt_tokens // block_size
+    blocks = -(-(prompt_tokens + response_tokens) // block_size) - first_block
+    return prompt_tokens + response_tokens + block_size * block_size * blocks
+
+
 def pack_rounds(trajectories: Sequence[Trajectory], *, block_size: int, mask_token_id: int,
                 row_length: int) -> PackedRounds:
     """First-fit packs the single-pass multi-round layouts of ``trajectories`` into canvas rows."""
@@ -155,13 +165,6 @@ def pack_rounds(trajectories: Sequence[Trajectory], *, block_size: int, mask_tok
                         tokens_per_trajectory=np.array([len(l["tokens"]) for l in layouts]))
 
 
-def token_logprobs(logits: jax.Array, rows: jax.Array, slots: jax.Array, tokens: jax.Array,
-                   temperature: float) -> jax.Array:
-    """``log softmax(logits / T)[token]`` at the scored ``(row, slot)`` pairs (fp32; T = 0 → 1)."""
-    picked = logits[rows, slots].astype(jnp.float32) / (temperature or 1.0)
-    return jnp.take_along_axis(jax.nn.log_softmax(picked, axis=-1), tokens[:, None], axis=-1)[:, 0]
-
-
 # ----------------------------------------------------------------------------- groups
 def group_advantages(rewards: np.ndarray, mode: str = "zscore", eps: float = 1e-6) -> np.ndarray:
     """Advantages of ``rewards [groups, G]``: ``zscore`` = (r - mean) / (population std + eps) (the
@@ -202,81 +205,142 @@ def dipo_token_terms(logp: jax.Array, logp_old: jax.Array, advantage: jax.Array,
     surrogate = jnp.minimum(ratio * advantage, clipped * advantage)
     if logp_ref is None:
         return surrogate, jnp.zeros_like(surrogate)
-    log_ref_ratio = logp_ref - logp
-    k3 = jnp.exp(jnp.clip(log_ref_ratio, -c, c)) - 1 - log_ref_ratio
-    return surrogate, k3
+    return surrogate, k3_kl(logp, logp_ref, c)
+
+
+def k3_kl(logp: jax.Array, logp_ref: jax.Array, clamp: float) -> jax.Array:
+    """Schulman's k3 estimator of KL(π || π_ref) per token, ``exp(x) - 1 - x`` with
+    ``x = log π_ref - log π`` (the exponent clamped like the ratio's)."""
+    x = logp_ref - logp
+    return jnp.exp(jnp.clip(x, -clamp, clamp)) - 1 - x
 
 
 def dipo_loss(logp: jax.Array, logp_old: jax.Array, advantage: jax.Array, weight: jax.Array,
               cfg: LossConfig, logp_ref: jax.Array | None = None) -> jax.Array:
-    """Token mean over the loss tokens of the whole global batch (``weight`` 1/0):
-    ``-mean(surrogate) + β mean(k3)``."""
+    """``-sum(weight * surrogate) + β sum(weight * k3)`` with the normalised per-token weights of
+    :func:`loss_weights` (zero for tokens without loss), so micro-batch losses add up exactly."""
     surrogate, k3 = dipo_token_terms(logp, logp_old, advantage, cfg, logp_ref)
-    count = jnp.maximum(jnp.sum(weight), 1.0)
-    return (-jnp.sum(weight * surrogate) + cfg.beta * jnp.sum(weight * k3)) / count
+    return -jnp.sum(weight * surrogate) + cfg.beta * jnp.sum(weight * k3)
 
 
-# ----------------------------------------------------------------------------- objective
-def batch_arrays(packed: PackedRounds, trajectories: Sequence[Trajectory], old_logprobs: np.ndarray,
-                 *, rows: int, num_scored: int) -> dict[str, np.ndarray]:
-    """Host arrays of fixed shapes (one compiled step for every batch): canvas rows padded to
-    ``rows`` and scored tokens padded to ``num_scored`` with zero weight.
+# ----------------------------------------------------------------------------- batches
+def loss_weights(packed: PackedRounds, trajectories: Sequence[Trajectory], aggregation: str
+                 ) -> np.ndarray:
+    """Each scored token's weight in the loss of the whole rollout batch (0 without loss).
 
-    ``old_logprobs`` are aligned with ``packed.score_*`` (the sampler's, or recomputed once per
-    rollout batch for later PPO iterations).
+    * ``token_mean`` — every loss token of the batch counts the same: ``1 / Σ_i |o_i|`` (DAPO's
+      token-level loss; the original's GRPO path takes this mean per micro-batch instead).
+    * ``sequence_mean`` — every response counts the same: ``1 / (n |o_i|)`` (GRPO).
+    * ``step_mean`` — the paper's eqs. 6–7: token terms summed, divided by the number of
+      denoising steps of the batch ``Σ_i |τ_i|``.
     """
-    have_rows, length = packed.canvas.shape
-    count = len(packed.score_row)
-    if have_rows > rows or count > num_scored:
-        raise ValueError(f"batch needs {have_rows} canvas rows and {count} scored tokens; the step is "
-                         f"compiled for {rows} rows and {num_scored} tokens")
+    owner, loss = packed.score_trajectory, packed.score_loss
+    tokens = np.bincount(owner[loss], minlength=len(trajectories)).astype(np.float64)
+    if aggregation == "token_mean":
+        per_token = np.full(len(trajectories), 1.0 / max(tokens.sum(), 1.0))
+    elif aggregation == "sequence_mean":
+        per_token = 1.0 / np.maximum(tokens, 1.0) / max(np.count_nonzero(tokens), 1)
+    elif aggregation == "step_mean":
+        steps = sum(len(np.unique(np.asarray(t.step_map)[:t.num_loss_tokens])) for t in trajectories)
+        per_token = np.full(len(trajectories), 1.0 / max(steps, 1))
+    else:
+        raise ValueError(f"loss aggregation: unknown {aggregation!r}; available: {AGGREGATIONS}")
+    return np.where(loss, per_token[owner], 0.0)
 
-    def pad_rows(x: np.ndarray, fill: int) -> np.ndarray:
-        return np.pad(np.asarray(x), ((0, rows - have_rows), (0, 0)), constant_values=fill)
 
-    def pad_scored(x: np.ndarray, dtype) -> np.ndarray:
-        return np.pad(np.asarray(x, dtype), (0, num_scored - count))
+def micro_batches(packed: PackedRounds, trajectories: Sequence[Trajectory], old_logprobs: np.ndarray,
+                  *, rows: int, num_scored: int, aggregation: str = "token_mean"
+                  ) -> list[dict[str, np.ndarray]]:
+    """Host arrays of fixed shapes (one compiled step for every micro-batch): ``rows`` canvas rows
+    each, scored tokens padded to ``num_scored`` with zero weight; the loss weights are those of
+    the whole rollout batch, so the micro-batch gradients sum to the batch gradient.
 
+    ``old_logprobs`` are aligned with ``packed.score_*`` (the sampler's, or the trainer's
+    recomputed once per rollout batch).
+    """
+    have_rows = packed.canvas.shape[0]
+    weights = loss_weights(packed, trajectories, aggregation)
     advantages = np.array([t.advantage for t in trajectories], np.float32)
-    out = {name: pad_rows(getattr(packed.canvas, name), fill) for name, fill in
-           (("tokens", 0), ("positions", 0), ("stream_ids", 0), ("block_ids", 0),
-            ("segment_ids", canvas_lib.PADDING_SEGMENT))}
-    out.update(score_row=pad_scored(packed.score_row, np.int32),
-               score_slot=pad_scored(packed.score_slot, np.int32),
-               score_token=pad_scored(packed.score_token, np.int32),
-               advantage=pad_scored(advantages[packed.score_trajectory], np.float32),
-               old_logp=pad_scored(old_logprobs, np.float32),
-               weight=pad_scored(packed.score_loss, np.float32))
+    out = []
+    for first in range(0, have_rows, rows):
+        stop = min(first + rows, have_rows)
+        picked = np.flatnonzero((packed.score_row >= first) & (packed.score_row < stop))
+        if len(picked) > num_scored:
+            raise ValueError(f"canvas rows {first}..{stop - 1} score {len(picked)} tokens; the step "
+                             f"is compiled for {num_scored}")
+
+        def pad_rows(x: np.ndarray, fill: int) -> np.ndarray:
+            return np.pad(np.asarray(x)[first:stop], ((0, rows - (stop - first)), (0, 0)),
+                          constant_values=fill)
+
+        def pad_scored(x: np.ndarray, dtype) -> np.ndarray:
+            return np.pad(np.asarray(x, dtype)[picked], (0, num_scored - len(picked)))
+
+        batch = {name: pad_rows(getattr(packed.canvas, name), fill) for name, fill in
+                 (("tokens", 0), ("positions", 0), ("stream_ids", 0), ("block_ids", 0),
+                  ("segment_ids", canvas_lib.PADDING_SEGMENT))}
+        batch.update(score_row=pad_scored(packed.score_row - first, np.int32),
+                     score_slot=pad_scored(packed.score_slot, np.int32),
+                     score_token=pad_scored(packed.score_token, np.int32),
+                     advantage=pad_scored(advantages[packed.score_trajectory], np.float32),
+                     old_logp=pad_scored(old_logprobs, np.float32),
+                     weight=pad_scored(weights, np.float32),
+                     loss_mask=pad_scored(packed.score_loss, np.float32))
+        out.append(batch)
     return out
 
 
-def dipo_objective(model, batch: dict[str, jax.Array], cfg: LossConfig, *, temperature: float,
-                   attn_impl: str = "auto", ref_logp: jax.Array | None = None
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The DiPO loss of one packed batch and its statistics.
-
-    One forward over the multi-round canvas scores every committed token at the rollout
-    temperature; ``log_ratio_abs_max`` (against ``old_logp``) is ~0 at the first PPO iteration
-    when the old log-probs are the sampler's, which checks that engine and trainer agree.
-    """
+# ----------------------------------------------------------------------------- objective
+def score_tokens(model, batch: dict[str, jax.Array], *, temperature: float, attn_impl: str = "auto",
+                 chunk: int = 1024) -> tuple[jax.Array, jax.Array]:
+    """Log-prob and entropy of every scored token of a micro-batch at the rollout temperature:
+    one forward over the multi-round canvas, then the vocabulary a chunk of tokens at a time,
+    with the sampler's logits arithmetic. Tokens without loss score 0."""
     canvas = canvas_lib.Canvas(tokens=batch["tokens"], positions=batch["positions"],
                                segment_ids=batch["segment_ids"], stream_ids=batch["stream_ids"],
                                block_ids=batch["block_ids"])
     hidden = model.hidden_states(canvas=canvas, attn_impl=attn_impl)
-    picked = hidden[batch["score_row"], batch["score_slot"]]
-    logits = model.logits(picked).astype(jnp.float32) / (temperature or 1.0)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    logp = jnp.take_along_axis(log_probs, batch["score_token"][:, None], axis=-1)[:, 0]
-    weight = batch["weight"]
-    loss = dipo_loss(logp, batch["old_logp"], batch["advantage"], weight, cfg, ref_logp)
-    log_ratio = jnp.where(weight > 0, logp - batch["old_logp"], 0.0)
+    picked = hidden[batch["score_row"], batch["score_slot"]].astype(model.dtype)
+    return chunked_token_scores(picked, model.output_embedding().astype(model.dtype),
+                                batch["score_token"], batch["loss_mask"] > 0, chunk=chunk,
+                                temperature=temperature, logits_dtype=model.dtype)
+
+
+def dipo_objective(model, batch: dict[str, jax.Array], cfg: LossConfig, *, temperature: float,
+                   attn_impl: str = "auto", chunk: int = 1024
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The DiPO loss of one micro-batch and its statistics as sums (see :func:`reduce_stats`).
+
+    ``batch["old_logp"]`` is the old policy and ``batch["ref_logp"]`` (when present) the frozen
+    reference of the k3 term. ``log_ratio_abs_max`` is ~0 at the first PPO iteration when the old
+    log-probs are the sampler's, which checks that engine and trainer agree.
+    """
+    logp, entropy = score_tokens(model, batch, temperature=temperature, attn_impl=attn_impl,
+                                 chunk=chunk)
+    mask = batch["loss_mask"]
+    loss = dipo_loss(logp, batch["old_logp"], batch["advantage"], batch["weight"], cfg,
+                     batch.get("ref_logp"))
+    log_ratio = jnp.where(mask > 0, logp - batch["old_logp"], 0.0)
     ratio = jnp.exp(log_ratio)
-    count = jnp.maximum(jnp.sum(weight), 1.0)
     clipped = (ratio < 1 - cfg.eps_low) | (ratio > 1 + cfg.eps_high)
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
     stats = {"log_ratio_abs_max": jnp.max(jnp.abs(log_ratio)),
-             "ratio_mean": jnp.sum(weight * ratio) / count,
-             "clip_fraction": jnp.sum(weight * clipped) / count,
-             "entropy": jnp.sum(weight * entropy) / count,
-             "loss_tokens": jnp.sum(weight)}
+             "ratio_sum": jnp.sum(mask * ratio),
+             "clipped_sum": jnp.sum(mask * clipped),
+             "entropy_sum": jnp.sum(mask * entropy),
+             "loss_tokens": jnp.sum(mask)}
+    if "ref_logp" in batch:
+        stats["kl_sum"] = jnp.sum(mask * k3_kl(logp, batch["ref_logp"], cfg.log_ratio_clamp))
     return loss, stats
+
+
+def reduce_stats(per_micro_batch: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Batch statistics from the micro-batches' sums: max |log ratio|, token means of the ratio,
+    clip fraction, entropy and k3 KL, and the number of loss tokens."""
+    count = max(sum(s["loss_tokens"] for s in per_micro_batch), 1.0)
+    out = {"log_ratio_abs_max": max(s["log_ratio_abs_max"] for s in per_micro_batch),
+           "loss_tokens": sum(s["loss_tokens"] for s in per_micro_batch)}
+    for total, name in (("ratio_sum", "ratio_mean"), ("clipped_sum", "clip_fraction"),
+                        ("entropy_sum", "entropy"), ("kl_sum", "kl")):
+        if total in per_micro_batch[0]:
+            out[name] = sum(s[total] for s in per_micro_batch) / count
+    return out

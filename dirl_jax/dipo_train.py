@@ -11,6 +11,7 @@ the run. The new parameters go to the engine without leaving the device.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from ml_collections import ConfigDict
 
 from dirl_jax import dipo
 from dirl_jax.checkpoint import start_or_resume
-from dirl_jax.config import validate_dipo
+from dirl_jax.config import check_canvas_fits, validate_dipo
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data import sft as sft_data
 from dirl_jax.data import toy
@@ -49,40 +50,83 @@ def _model_dir(init_from: str) -> str:
 
 
 def build_prompts(config: ConfigDict, tokenizer) -> tuple[list[list[int]], list[str], list[dict]]:
-    """Prompt token ids and gold answers of the RL records, and held-out eval records (builtin)."""
+    """Prompt token ids and gold answers of the RL records (those longer than
+    ``rollout.max_prompt_tokens`` dropped), and held-out eval records (builtin only)."""
     data = config.data
+    held_out: list[dict] = []
     if data.source == "builtin:arithmetic":
         records = toy.arithmetic_records(config.seed, data.builtin_train_size + data.builtin_eval_size,
                                          max_operand=data.builtin_max_operand)
         train, held_out = records[:data.builtin_train_size], records[data.builtin_train_size:]
         prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in train]
-        return prompts, [r["answer"] for r in train], held_out
-    template = data.prompt_template or rl_data.DEFAULT_TEMPLATE
-    records = rl_data.load_prompt_records(data.source, data.split)
-    prompts = [tokenizer.encode(rl_data.render_prompt(r.question, template), add_special_tokens=False)
-               for r in records]
-    return prompts, [r.answer for r in records], []
+        answers = [r["answer"] for r in train]
+    else:
+        template = data.prompt_template or rl_data.DEFAULT_TEMPLATE
+        records = rl_data.load_prompt_records(data.source, data.split)
+        prompts = [tokenizer.encode(rl_data.render_prompt(r.question, template),
+                                    add_special_tokens=False) for r in records]
+        answers = [r.answer for r in records]
+    limit = config.rollout.max_prompt_tokens
+    if limit:
+        keep = [i for i, p in enumerate(prompts) if len(p) <= limit]
+        if not keep:
+            raise sft_data.DataError(f"{data.source}: no prompt fits rollout.max_prompt_tokens={limit}")
+        if len(keep) < len(prompts):
+            log.warning("%s: dropped %d of %d prompts longer than rollout.max_prompt_tokens=%d",
+                        data.source, len(prompts) - len(keep), len(prompts), limit)
+        prompts, answers = [prompts[i] for i in keep], [answers[i] for i in keep]
+    return prompts, answers, held_out
 
 
-def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ConfigDict):
-    t = config.train
-    loss_cfg = dipo.LossConfig(eps_low=t.eps_low, eps_high=t.eps_high,
-                               log_ratio_clamp=t.log_ratio_clamp)
-    schedule = learning_rate_schedule(t)
+class Updater:
+    """The jitted pieces of one DiPO update: per-micro-batch gradients (summed, since the loss
+    weights are normalised over the whole rollout batch), one AdamW step per PPO iteration, and
+    log-prob scoring for the frozen reference and trainer-side old log-probs."""
 
-    @jax.jit
-    def update(params, opt_state, batch, step):
-        def objective(params):
-            return dipo.dipo_objective(nnx.merge(graphdef, params), batch, loss_cfg,
-                                       temperature=config.rollout.temperature,
-                                       attn_impl=config.model.attention_impl)
+    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ConfigDict):
+        t = config.train
+        self.loss_cfg = dipo.LossConfig(eps_low=t.eps_low, eps_high=t.eps_high,
+                                        log_ratio_clamp=t.log_ratio_clamp, beta=t.kl_beta)
+        score_kwargs = dict(temperature=config.rollout.temperature,
+                            attn_impl=config.model.attention_impl, chunk=t.logprob_chunk)
+        schedule = learning_rate_schedule(t)
 
-        (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        stats = {**stats, "loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
-        return optax.apply_updates(params, updates), opt_state, stats
+        def objective(params, batch):
+            return dipo.dipo_objective(nnx.merge(graphdef, params), batch, self.loss_cfg,
+                                       **score_kwargs)
 
-    return update
+        @jax.jit
+        def gradients(params, batch):
+            (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
+            return grads, {**stats, "loss": loss}
+
+        @functools.partial(jax.jit, donate_argnums=0)
+        def accumulate(total, grads):
+            return jax.tree.map(jnp.add, total, grads)
+
+        @functools.partial(jax.jit, donate_argnums=1)  # params stay: the engine shares them
+        def apply(params, opt_state, grads, step):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            stats = {"grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
+            return optax.apply_updates(params, updates), opt_state, stats
+
+        @jax.jit
+        def score(params, batch):
+            return dipo.score_tokens(nnx.merge(graphdef, params), batch, **score_kwargs)[0]
+
+        self._gradients, self._accumulate, self._apply, self.score = gradients, accumulate, apply, score
+
+    def step(self, params, opt_state, micro_batches: list[dict[str, jax.Array]], step: int):
+        """One optimizer update over every micro-batch of the rollout batch."""
+        total, per_batch = None, []
+        for batch in micro_batches:
+            grads, stats = self._gradients(params, batch)
+            total = grads if total is None else self._accumulate(total, grads)
+            per_batch.append({k: float(v) for k, v in jax.device_get(stats).items()})
+        params, opt_state, stats = self._apply(params, opt_state, total, step)
+        stats = {**dipo.reduce_stats(per_batch), "loss": sum(s["loss"] for s in per_batch),
+                 **{k: float(v) for k, v in jax.device_get(stats).items()}}
+        return params, opt_state, stats
 
 
 def collect_groups(engine: InProcessEngine, stream, prompts: list[list[int]], answers: list[str],
@@ -94,7 +138,7 @@ def collect_groups(engine: InProcessEngine, stream, prompts: list[list[int]], an
     kept, stats = [], {"rollout_s": 0.0, "reward_s": 0.0, "generated_tokens": 0, "groups_sampled": 0}
     accuracy = []
     for sampling_round in range(t.max_sampling_rounds):
-        indices = next(stream)
+        indices = np.concatenate([next(stream) for _ in range(r.oversample)])
         batch_prompts = [prompts[i] for i in indices for _ in range(r.group_size)]
         start = time.time()
         results = engine.generate(batch_prompts, sampling,
@@ -105,7 +149,7 @@ def collect_groups(engine: InProcessEngine, stream, prompts: list[list[int]], an
         for prompt_index, result in zip(np.repeat(indices, r.group_size), results):
             text = tokenizer.decode(result["token_ids"][:result["length"]])
             correct = grade(text, answers[prompt_index], timeout=config.rewards.grade_timeout)
-            responses.append(Response(text=text, correct=correct, num_tokens=len(result["token_ids"]),
+            responses.append(Response(text=text, correct=correct, num_tokens=result["length"],
                                       max_tokens=r.max_new_tokens,
                                       truncated=result["finish_reason"] == "length"
                                       and not stop_ids & set(result["token_ids"])))
@@ -132,24 +176,57 @@ def collect_groups(engine: InProcessEngine, stream, prompts: list[list[int]], an
     return kept[:r.prompts_per_step], stats
 
 
-def pack_groups(groups: list[dict[str, Any]], model_config, config: ConfigDict) -> dict[str, jax.Array]:
+def pack_groups(groups: list[dict[str, Any]], model_config, config: ConfigDict
+                ) -> tuple[list[dict[str, jax.Array]], dict[str, float]]:
+    """The kept groups as single-pass canvas micro-batches (sampler log-probs as the old policy)."""
     trajectories = [dipo.Trajectory(g["prompt"], res["token_ids"], res["step_map"], res["length"],
                                     float(a))
                     for g in groups for res, a in zip(g["results"], g["advantages"])]
     results = [res for g in groups for res in g["results"]]
+    t = config.train
     packed = dipo.pack_rounds(trajectories, block_size=model_config.block_size,
-                              mask_token_id=model_config.mask_token_id,
-                              row_length=config.train.row_length)
+                              mask_token_id=model_config.mask_token_id, row_length=t.row_length)
     position = packed.canvas.positions[packed.score_row, packed.score_slot]
     old = np.array([results[i]["logprobs"][p - len(trajectories[i].prompt)]
                     for i, p in zip(packed.score_trajectory, position)], np.float32)
+    batches = dipo.micro_batches(packed, trajectories, old, rows=t.canvas_rows,
+                                 num_scored=t.canvas_rows * t.row_length,
+                                 aggregation=t.loss_aggregation)
+    stats = {"canvas_rows": packed.canvas.shape[0], "micro_batches": len(batches),
+             "canvas_tokens_per_trajectory": float(np.mean(packed.tokens_per_trajectory))}
+    return [{k: jnp.asarray(v) for k, v in b.items()} for b in batches], stats
+
+
+def check_log_ratio(value: float, limit: float, step: int) -> None:
+    """Stops the run when the trainer's log-probs of the sampled tokens differ from the sampler's."""
+    if value > limit:
+        raise RuntimeError(
+            f"step {step}: trainer and sampler log-probs disagree (max |log ratio| {value:.3g} > "
+            f"train.max_log_ratio {limit}); check dtypes, temperature and the attention impl")
+
+
+def train_on_groups(updater: Updater, params, opt_state, reference, groups, model_config,
+                    config: ConfigDict, step: int):
+    """Packs the kept groups, scores the frozen reference (and the trainer's old policy) once,
+    then runs ``train.ppo_iterations`` updates; returns the new state and the step's metrics."""
     t = config.train
-    try:
-        arrays = dipo.batch_arrays(packed, trajectories, old, rows=t.canvas_rows,
-                                   num_scored=t.canvas_rows * t.row_length)
-    except ValueError as e:
-        raise ValueError(f"{e}: raise config.train.canvas_rows or config.train.row_length") from e
-    return {k: jnp.asarray(v) for k, v in arrays.items()}
+    batches, row = pack_groups(groups, model_config, config)
+    if reference is not None:
+        batches = [{**b, "ref_logp": updater.score(reference, b)} for b in batches]
+    if t.old_logprobs == "trainer":
+        old = [updater.score(params, b) for b in batches]
+        row["log_ratio_abs_max"] = max(
+            float(jnp.max(jnp.abs(jnp.where(b["loss_mask"] > 0, o - b["old_logp"], 0.0))))
+            for b, o in zip(batches, old))
+        check_log_ratio(row["log_ratio_abs_max"], t.max_log_ratio, step)
+        batches = [{**b, "old_logp": o} for b, o in zip(batches, old)]
+    for iteration in range(t.ppo_iterations):
+        params, opt_state, stats = updater.step(params, opt_state, batches, step)
+        if iteration == 0 and t.old_logprobs == "sampler":
+            row["log_ratio_abs_max"] = stats["log_ratio_abs_max"]
+            check_log_ratio(row["log_ratio_abs_max"], t.max_log_ratio, step)
+    stats["last_log_ratio_abs_max"] = stats.pop("log_ratio_abs_max")
+    return params, opt_state, {**row, **stats}
 
 
 def run_dipo(config: ConfigDict) -> dict[str, Any]:
@@ -160,6 +237,7 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     t, r = config.train, config.rollout
     model, model_config = load_model(model_dir, resolve_dtype(t.compute_dtype),
                                      param_dtype=resolve_dtype(t.param_dtype), remat=config.model.remat)
+    check_canvas_fits(config, model_config.block_size)
     prompts, answers, held_out = build_prompts(config, tokenizer)
 
     run_dir = os.path.abspath(config.run_dir)
@@ -177,11 +255,13 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
                                          seed=config.seed, process_index=jax.process_index(),
                                          process_count=jax.process_count()))
     tx = make_optimizer(t)
+    # the frozen k3 reference is the policy DiPO starts from (init_from, also on resume)
+    reference = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param)) if t.kl_beta > 0 else None
     graphdef, params, opt_state, checkpointer, start = start_or_resume(
         model, tx, run_dir, config.checkpoint, stream)
     if start:
         engine.update_weights(params)
-    update = make_update(graphdef, tx, config)
+    updater = Updater(graphdef, tx, config)
     writer = MetricsWriter(run_dir, resume_step=start, total_steps=t.num_steps,
                            enabled=jax.process_index() == 0)
 
@@ -204,17 +284,8 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
                                "tokens_per_s": stats["generated_tokens"] / max(stats["rollout_s"], 1e-9)}
         if groups:
             start_time = time.time()
-            batch = pack_groups(groups, model_config, config)
-            for iteration in range(t.ppo_iterations):
-                params, opt_state, metrics = update(params, opt_state, batch, step)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if iteration == 0:
-                    row["log_ratio_abs_max"] = metrics["log_ratio_abs_max"]
-                    if metrics["log_ratio_abs_max"] > t.max_log_ratio:
-                        raise RuntimeError(
-                            f"step {step + 1}: trainer and sampler log-probs disagree (max |log ratio| "
-                            f"{metrics['log_ratio_abs_max']:.3g} > train.max_log_ratio "
-                            f"{t.max_log_ratio}); check dtypes, temperature and the attention impl")
+            params, opt_state, metrics = train_on_groups(updater, params, opt_state, reference,
+                                                         groups, model_config, config, step + 1)
             row.update(metrics, train_s=time.time() - start_time,
                        reward_mean=float(np.mean([g["rewards"] for g in groups])))
             start_time = time.time()

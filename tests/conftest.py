@@ -42,6 +42,23 @@ def random_model(config: SDARConfig, seed: int, **kw) -> SDARForCausalLM:
     return model
 
 
+def save_toy_chat_model(directory: pathlib.Path, seed: int) -> pathlib.Path:
+    """A tiny random SDAR model with the built-in chat tokenizer, saved as a HF directory."""
+    import dataclasses
+
+    from dirl_jax import save_model
+    from dirl_jax.data import toy
+    tokenizer = toy.toy_tokenizer()
+    tokenizer.save_pretrained(directory / "tokenizer")
+    config = dataclasses.replace(tiny_config(block_size=4, vocab=len(tokenizer)),
+                                 mask_token_id=tokenizer.convert_tokens_to_ids(toy.MASK),
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.convert_tokens_to_ids(toy.IM_END))
+    save_model(random_model(config, seed), config, directory / "model",
+               tokenizer_dir=directory / "tokenizer", dtype="float32")
+    return directory / "model"
+
+
 @pytest.fixture
 def seed(request) -> int:
     """A fresh seed per test run, printed on failure for reproduction."""

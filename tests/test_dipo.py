@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -83,14 +85,24 @@ def per_round_logprobs(model, traj: dipo.Trajectory, mask_token_id: int, tempera
     return out[len(traj.prompt):]
 
 
-def packed_logprobs(model, trajectories, mask_token_id: int, temperature: float, row_length: int,
-                    attn_impl: str = "auto"):
+def one_micro_batch(packed: dipo.PackedRounds, trajectories, old=None, aggregation="token_mean",
+                    extra_scored: int = 3) -> dict[str, jnp.ndarray]:
+    count = len(packed.score_row)
+    old = np.zeros(count) if old is None else old
+    (batch,) = dipo.micro_batches(packed, trajectories, old, rows=packed.canvas.shape[0],
+                                  num_scored=count + extra_scored, aggregation=aggregation)
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def packed_logprobs(model, trajectories, mask_token_id: int, temperature: float, row_length: int):
+    """The trainer's path: pack, one micro-batch, :func:`dipo.score_tokens` (odd chunk size).
+    Every response token is scored (also those after a stop, which carry no loss in training)."""
+    trajectories = [dataclasses.replace(t, num_loss_tokens=len(t.response)) for t in trajectories]
     packed = dipo.pack_rounds(trajectories, block_size=BLOCK, mask_token_id=mask_token_id,
                               row_length=row_length)
-    logits = model(canvas=packed.canvas, attn_impl=attn_impl)
-    logp = np.asarray(dipo.token_logprobs(logits, jnp.asarray(packed.score_row),
-                                          jnp.asarray(packed.score_slot),
-                                          jnp.asarray(packed.score_token), temperature))
+    logp, _ = dipo.score_tokens(model, one_micro_batch(packed, trajectories),
+                                temperature=temperature, chunk=7)
+    logp = np.asarray(logp)[:len(packed.score_row)]
     per_traj = []
     for i, traj in enumerate(trajectories):
         rows = packed.score_trajectory == i
@@ -139,7 +151,25 @@ def test_trainer_logprobs_equal_the_sampler_on_real_rollouts(seed, strategy, tem
                     * len(dipo.expand_rounds(np.r_[[-1] * len(t.prompt), t.step_map], BLOCK))
                     for t in trajectories)
     assert single_pass < per_round
+    packed = dipo.pack_rounds(trajectories, block_size=BLOCK, mask_token_id=config.mask_token_id,
+                              row_length=256)
     assert packed.score_loss.sum() == sum(r["length"] for r in results)
+
+
+@pytest.mark.parametrize("prompt_len,response_len", [(8, 12), (5, 12), (6, 9)])
+def test_worst_case_canvas_tokens_bounds_one_token_per_step(prompt_len, response_len):
+    """One token per step is the longest layout; the bound is exact for block-aligned prompts."""
+    rng = np.random.default_rng(prompt_len)
+    steps = np.zeros(response_len, int)
+    for block in np.unique((prompt_len + np.arange(response_len)) // BLOCK):
+        here = (prompt_len + np.arange(response_len)) // BLOCK == block
+        steps[here] = rng.permutation(here.sum()) + 1 + 10 * block
+    traj = dipo.Trajectory(list(range(prompt_len)), list(range(response_len)), steps.tolist(), response_len)
+    packed = dipo.pack_rounds([traj], block_size=BLOCK, mask_token_id=0, row_length=512)
+    bound = dipo.worst_case_canvas_tokens(prompt_len, response_len, BLOCK)
+    assert packed.tokens_per_trajectory[0] <= bound
+    if prompt_len % BLOCK == 0 and response_len % BLOCK == 0:
+        assert packed.tokens_per_trajectory[0] == bound
 
 
 def test_pack_rounds_rejects_bad_inputs():
@@ -169,7 +199,7 @@ def numpy_loss(logp, old, adv, weight, eps_low, eps_high, clamp, beta, ref):
     surrogate = np.minimum(ratio * adv, np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv)
     x = ref - logp
     k3 = np.exp(np.clip(x, -clamp, clamp)) - 1 - x
-    return (-(weight * surrogate).sum() + beta * (weight * k3).sum()) / max(weight.sum(), 1)
+    return -(weight * surrogate).sum() + beta * (weight * k3).sum()
 
 
 def test_loss_matches_float64_reference(seed):
@@ -180,7 +210,7 @@ def test_loss_matches_float64_reference(seed):
     old[:20] = logp[:20] + rng.choice([-15, 15], 20)  # beyond the ±10 log-ratio clamp
     adv = rng.normal(0, 1, n)
     ref = logp + rng.normal(0, 0.5, n)
-    weight = (rng.random(n) < 0.8).astype(float)
+    weight = (rng.random(n) < 0.8) * rng.random(n) / 100
     cfg = dipo.LossConfig(eps_low=0.2, eps_high=0.28, log_ratio_clamp=10.0, beta=0.1)
     ratio = np.exp(np.clip(logp - old, -10, 10))
     for branch in (ratio * adv > np.clip(ratio, 0.8, 1.28) * adv, ratio * adv < np.clip(ratio, 0.8, 1.28) * adv):
@@ -189,6 +219,26 @@ def test_loss_matches_float64_reference(seed):
                          logp_ref=jnp.asarray(ref, jnp.float32))
     want = numpy_loss(logp, old, adv, weight, 0.2, 0.28, 10.0, 0.1, ref)
     assert abs(float(got) - want) <= 1e-5 * max(1.0, abs(want))
+    no_kl = dipo.dipo_loss(*(jnp.asarray(x, jnp.float32) for x in (logp, old, adv, weight)),
+                           dataclasses.replace(cfg, beta=0.0))
+    want = numpy_loss(logp, old, adv, weight, 0.2, 0.28, 10.0, 0.0, ref)
+    assert abs(float(no_kl) - want) <= 1e-5 * max(1.0, abs(want))
+
+
+def test_loss_weights_per_aggregation():
+    """Two responses: 4 loss tokens in 3 steps, and 2 loss tokens (of 4) in 2 steps."""
+    trajectories = [dipo.Trajectory([1, 2], [5, 6, 7, 8], [1, 1, 2, 3], 4),
+                    dipo.Trajectory([3], [5, 6, 7, 8], [1, 2, 2, 3], 2)]
+    packed = dipo.pack_rounds(trajectories, block_size=BLOCK, mask_token_id=0, row_length=64)
+    first = packed.score_trajectory == 0
+    want = {"token_mean": (1 / 6, 1 / 6), "sequence_mean": (1 / 8, 1 / 4), "step_mean": (1 / 5, 1 / 5)}
+    for aggregation, (w0, w1) in want.items():
+        weights = dipo.loss_weights(packed, trajectories, aggregation)
+        np.testing.assert_allclose(weights[first], w0)
+        np.testing.assert_allclose(weights[~first & packed.score_loss], w1)
+        assert (weights[~packed.score_loss] == 0).all() and (~packed.score_loss).sum() == 2
+    with pytest.raises(ValueError, match="available"):
+        dipo.loss_weights(packed, trajectories, "mean")
 
 
 def test_loss_terms_worked_examples():
@@ -216,31 +266,63 @@ def test_objective_starts_at_ratio_one_and_a_step_follows_the_advantages(seed):
     trajectories = [dipo.Trajectory(p, r["token_ids"], r["step_map"], len(r["token_ids"]), a)
                     for p, r, a in zip(prompts, results, advantages)]
     packed = dipo.pack_rounds(trajectories, block_size=BLOCK, mask_token_id=config.mask_token_id,
-                              row_length=128)
+                              row_length=96)
+    rows = packed.canvas.shape[0]
+    assert rows >= 2
     position = packed.canvas.positions[packed.score_row, packed.score_slot]
     old = np.array([results[i]["logprobs"][p - len(prompts[i])]
                     for i, p in zip(packed.score_trajectory, position)])
-    batch = {k: jnp.asarray(v) for k, v in
-             dipo.batch_arrays(packed, trajectories, old, rows=4, num_scored=160).items()}
+    batch = one_micro_batch(packed, trajectories, old, aggregation="sequence_mean")
     loss_cfg = dipo.LossConfig()
     graphdef, params = nnx.split(model, nnx.Param)
 
-    def objective(params):
-        return dipo.dipo_objective(nnx.merge(graphdef, params), batch, loss_cfg, temperature=1.0)
+    def objective(params, batch):
+        return dipo.dipo_objective(nnx.merge(graphdef, params), batch, loss_cfg, temperature=1.0,
+                                   chunk=16)
 
-    (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
     assert float(stats["log_ratio_abs_max"]) < 1e-4  # engine and trainer agree
-    assert float(stats["ratio_mean"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(stats["ratio_sum"]) == pytest.approx(len(packed.score_row), rel=1e-5)
     assert int(stats["loss_tokens"]) == len(packed.score_row)
+    # one canvas row per micro-batch: the summed micro-batch gradients are the batch gradient
+    split = dipo.micro_batches(packed, trajectories, old, rows=1, num_scored=len(packed.score_row),
+                               aggregation="sequence_mean")
+    assert len(split) == rows
+    parts = [jax.value_and_grad(objective, has_aux=True)(params, {k: jnp.asarray(v) for k, v in b.items()})
+             for b in split]
+    assert sum(float(p[0][0]) for p in parts) == pytest.approx(float(loss), abs=1e-6)
+    summed = jax.tree.map(lambda *g: sum(g), *[p[1] for p in parts])
+    for a, b in zip(jax.tree.leaves(summed), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    reduced = dipo.reduce_stats([{k: float(v) for k, v in p[0][1].items()} for p in parts])
+    assert reduced["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert reduced["loss_tokens"] == len(packed.score_row)
     norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads)))
     stepped = jax.tree.map(lambda p, g: p - 1e-3 * g / norm, params, grads)  # a small, first-order step
-    after = objective(stepped)[1]
     # a small step along -grad raises the advantage-weighted log-probs (the surrogate at ratio 1)
-    new_logp = np.asarray(dipo.token_logprobs(
-        nnx.merge(graphdef, stepped)(canvas=packed.canvas), jnp.asarray(packed.score_row),
-        jnp.asarray(packed.score_slot), jnp.asarray(packed.score_token), 1.0))
+    new_logp, _ = dipo.score_tokens(nnx.merge(graphdef, stepped), batch, temperature=1.0)
+    new_logp = np.asarray(new_logp)[:len(packed.score_row)]
     sign = np.array(advantages)[packed.score_trajectory]
     assert float(np.sum(sign * (new_logp - old))) > 0
-    assert float(after["log_ratio_abs_max"]) > 1e-6  # the step moved the policy
-    with pytest.raises(ValueError, match="compiled for 1 rows"):
-        dipo.batch_arrays(packed, trajectories, old, rows=1, num_scored=160)
+    assert np.abs(new_logp - old).max() > 1e-6  # the step moved the policy
+    with pytest.raises(ValueError, match="compiled for 1"):
+        dipo.micro_batches(packed, trajectories, old, rows=rows, num_scored=1)
+
+
+def test_chunked_token_scores_match_a_dense_softmax(seed):
+    from dirl_jax.token_scores import chunked_token_scores
+    rng = np.random.default_rng(seed)
+    hidden, emb = rng.normal(size=(23, 16)), rng.normal(size=(50, 16))
+    targets = rng.integers(0, 50, 23)
+    active = rng.random(23) < 0.7
+    active[7:14] = False  # one whole chunk of inactive tokens is skipped
+    logp, entropy = chunked_token_scores(jnp.asarray(hidden, jnp.float32), jnp.asarray(emb, jnp.float32),
+                                         jnp.asarray(targets), jnp.asarray(active), chunk=7,
+                                         temperature=0.7)
+    logits = hidden @ emb.T / 0.7
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    want_logp = np.where(active, log_probs[np.arange(23), targets], 0.0)
+    want_entropy = np.where(active, -(np.exp(log_probs) * log_probs).sum(-1), 0.0)
+    np.testing.assert_allclose(logp, want_logp, atol=1e-5)
+    np.testing.assert_allclose(entropy, want_entropy, atol=1e-5)

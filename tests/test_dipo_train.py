@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 import json
 
 import pytest
 
-from conftest import random_model, tiny_config
-from dirl_jax import save_model
-from dirl_jax.config import ConfigValueError, dipo_defaults
-from dirl_jax.data import toy
-from dirl_jax.dipo_train import run_dipo
+from conftest import REPO, save_toy_chat_model
+from dirl_jax.config import ConfigValueError, check_canvas_fits, dipo_defaults, validate_dipo
+from dirl_jax.dipo_train import Updater, run_dipo
 
 
 def tiny_run_config(tmp_path, seed):
-    tokenizer = toy.toy_tokenizer()
-    tokenizer.save_pretrained(tmp_path / "tok")
-    config = dataclasses.replace(tiny_config(block_size=4, vocab=len(tokenizer)),
-                                 mask_token_id=tokenizer.convert_tokens_to_ids(toy.MASK),
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.convert_tokens_to_ids(toy.IM_END))
-    save_model(random_model(config, seed), config, tmp_path / "sft" / "export",
-               tokenizer_dir=tmp_path / "tok", dtype="float32")
+    save_toy_chat_model(tmp_path / "sft", seed)
     run = dipo_defaults()
     run.run_dir = str(tmp_path / "dipo")
-    run.init_from = str(tmp_path / "sft")
+    run.init_from = str(tmp_path / "sft" / "model")
     run.seed = seed
     run.data.update(builtin_train_size=200, builtin_eval_size=8)
     run.rollout.update(prompts_per_step=2, group_size=3, max_new_tokens=8)
@@ -53,6 +44,24 @@ def test_two_steps_then_resume(tmp_path, seed):
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
 
 
+def test_reference_kl_trainer_old_logprobs_micro_batches_and_ppo_iterations(tmp_path, seed,
+                                                                            monkeypatch):
+    from dirl_jax.rewards import registry
+    # a random model is never right: a reward that varies with the text gives every group a signal
+    monkeypatch.setitem(registry.REWARDS, "text_sum", lambda r: sum(map(ord, r.text)) % 97 / 97)
+    config = tiny_run_config(tmp_path, seed)
+    config.rewards.names = ("text_sum",)
+    config.train.update(num_steps=1, kl_beta=0.1, old_logprobs="trainer", ppo_iterations=2,
+                        loss_aggregation="sequence_mean", canvas_rows=1, row_length=128)
+    config.eval.num_examples = 0
+    run_dipo(config)
+    (row,) = [json.loads(line) for line in (tmp_path / "dipo" / "metrics.jsonl").read_text().splitlines()]
+    assert row["micro_batches"] == row["canvas_rows"] > 1
+    assert row["log_ratio_abs_max"] < 1e-4  # the trainer's old log-probs equal the sampler's
+    assert row["last_log_ratio_abs_max"] > 1e-6 and row["kl"] > 0  # iteration 2 saw the update
+    assert 0 <= row["clip_fraction"] <= 1
+
+
 def test_bad_dipo_config_names_the_field(tmp_path):
     config = dipo_defaults()
     with pytest.raises(ConfigValueError, match="config.init_from: must name"):
@@ -61,16 +70,56 @@ def test_bad_dipo_config_names_the_field(tmp_path):
     config.rollout.group_size = 1
     with pytest.raises(ConfigValueError, match="config.rollout.group_size: must be > 1"):
         run_dipo(config)
+    config.rollout.group_size = 2
+    config.train.loss_aggregation = "mean"
+    with pytest.raises(ConfigValueError, match="config.train.loss_aggregation: must be one of"):
+        run_dipo(config)
+
+
+def load_config_file(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def test_dipo_tiny_config_validates():
-    import importlib.util
-
-    from conftest import REPO
-    from dirl_jax.config import validate_dipo
-    spec = importlib.util.spec_from_file_location("dipo_tiny", REPO / "configs" / "dipo_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file("dipo_tiny")
     validate_dipo(config)
     assert config.init_from == "runs/sft_tiny" and config.task == "dipo"
+
+
+def test_paper_rl_recipe_validates_and_traces_abstractly(shared_dir):
+    """configs/dipo_sdar8b.py: the paper's numbers, a canvas row that holds any trajectory, and
+    one micro-batch gradient of the 8B model traced (shapes only, nothing allocated)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dirl_jax.model import SDARConfig, abstract_model
+    from dirl_jax.optim import make_optimizer
+    config = load_config_file("dipo_sdar8b")
+    validate_dipo(config)
+    r, t = config.rollout, config.train
+    assert (t.learning_rate, t.weight_decay, r.prompts_per_step, r.group_size, r.max_new_tokens,
+            r.strategy, r.threshold, t.num_steps) == (1e-6, 0.0, 128, 32, 8192,
+                                                       "low_confidence_dynamic", 0.9, 40)
+    model_config = SDARConfig.from_pretrained(shared_dir / "data" / "sdar_tokenizer")
+    assert model_config.block_size == 4
+    check_canvas_fits(config, model_config.block_size)
+    model = abstract_model(model_config, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=True)
+    graphdef, params = nnx.split(model, nnx.Param)
+    updater = Updater(graphdef, make_optimizer(t), config)
+    rows, length = t.canvas_rows, t.row_length
+    canvas = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32)
+              for k in ("tokens", "positions", "stream_ids", "block_ids", "segment_ids")}
+    scored = {k: jax.ShapeDtypeStruct((rows * length,), dtype) for k, dtype in
+              (("score_row", jnp.int32), ("score_slot", jnp.int32), ("score_token", jnp.int32),
+               ("advantage", jnp.float32), ("old_logp", jnp.float32), ("weight", jnp.float32),
+               ("loss_mask", jnp.float32))}
+    grads, stats = jax.eval_shape(updater._gradients, params, {**canvas, **scored})
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    assert stats["loss"].shape == () and stats["log_ratio_abs_max"].dtype == jnp.float32
+    config.train.row_length = 8192
+    with pytest.raises(ConfigValueError, match="config.train.row_length: .* cannot hold"):
+        check_canvas_fits(config, model_config.block_size)

@@ -117,6 +117,38 @@ def test_seeded_sampling_is_reproducible(seed):
     assert decode_prompts(model, prompts, cfg, seed=seed + 1) != first
 
 
+def test_a_sampled_row_depends_on_its_seed_not_its_batch(seed):
+    config, model = peaky_model(seed)
+    prompts = random_prompts(np.random.default_rng(seed), lengths=(5, 8, 13))
+    cfg = sampling(config, temperature=1.0, strategy="low_confidence_dynamic")
+    whole = decode_prompts(model, prompts, cfg, seed=seed, row_seeds=[7, 8, 9])
+    part = decode_prompts(model, [prompts[2], prompts[0]], cfg, seed=seed, row_seeds=[9, 7])
+    for got, want in zip(part, [whole[2], whole[0]]):
+        assert got["token_ids"] == want["token_ids"] and got["step_map"] == want["step_map"]
+        np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
+    assert decode_prompts(model, prompts, cfg, seed=seed, row_seeds=[7, 8, 10])[:2] == whole[:2]
+    with pytest.raises(ValueError, match="row_seeds"):
+        decode_prompts(model, prompts, cfg, seed=seed, row_seeds=[1, 2])
+
+
+def test_min_new_tokens_and_banned_tokens(seed):
+    import collections
+    config, model = peaky_model(seed)
+    prompts = random_prompts(np.random.default_rng(seed), lengths=(5, 8, 13, 2, 7, 11))
+    free = decode_prompts(model, prompts, sampling(config, temperature=1.0, max_new_tokens=12,
+                                                   stop_ids=()), seed=seed)
+    # the tokens the free run likes most early on become stops, the next ones banned
+    early = collections.Counter(t for r in free for t in r["token_ids"][:6]).most_common()
+    stops, banned = tuple(t for t, _ in early[:2]), tuple(t for t, _ in early[2:4])
+    cfg = sampling(config, temperature=1.0, max_new_tokens=12, stop_ids=stops, min_new_tokens=6,
+                   banned_ids=banned)
+    for result in decode_prompts(model, prompts, cfg, seed=seed):
+        assert not set(result["token_ids"]) & set(banned)
+        assert not set(result["token_ids"][:6]) & set(stops) and result["length"] > 6
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        sampling(config, max_new_tokens=4, min_new_tokens=8)
+
+
 def test_stop_tokens_and_length_limit(seed):
     config, model = peaky_model(seed)
     prompts = random_prompts(np.random.default_rng(seed), lengths=(5, 8, 13, 2, 7, 11))

@@ -29,6 +29,19 @@ class DataError(ValueError):
     """A dataset file or record is malformed."""
 
 
+def _json_lines(source: str) -> list[Any]:
+    records = []
+    with open(source, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}:{line_number}: malformed JSON line ({e.msg})") from e
+    return records
+
+
 def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
     """Records from a ``.jsonl`` / ``.json`` / ``.parquet`` file or a HF datasets name/path."""
     if source.endswith((".jsonl", ".json")):
@@ -36,23 +49,17 @@ def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
             raise FileNotFoundError(f"{source}: dataset file not found")
         if source.endswith(".json"):
             with open(source, encoding="utf-8") as f:
-                try:
-                    records = json.load(f)
-                except json.JSONDecodeError as e:
+                text = f.read()
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as e:
+                if e.msg != "Extra data":  # several JSON values: JSON lines (DiRL's loader takes both)
                     raise DataError(f"{source}: malformed JSON ({e})") from e
+                return _json_lines(source)
             if not isinstance(records, list):
-                raise DataError(f"{source}: expected a JSON list of records")
+                raise DataError(f"{source}: expected a JSON list of records (or JSON lines)")
             return records
-        records = []
-        with open(source, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{source}:{line_number}: malformed JSON line ({e.msg})") from e
-        return records
+        return _json_lines(source)
     if source.endswith(".parquet") and not os.path.isfile(source):
         raise FileNotFoundError(f"{source}: dataset file not found")
     try:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from dirl_jax.rewards.extract import extract_last_boxed
 
 DEFAULT_TIMEOUT_S = 10.0
+STARTUP_TIMEOUT_S = 300.0  # starting a worker and importing math-verify (not charged to a call)
 _pool: concurrent.futures.ProcessPoolExecutor | None = None
 
 
@@ -31,12 +32,24 @@ def verify_answer(gold: str, predicted: str) -> bool:
     return bool(verify(gold_parsed, predicted_parsed))
 
 
+def _import_math_verify() -> None:
+    import math_verify  # noqa: F401
+
+
+def _start_pool() -> concurrent.futures.ProcessPoolExecutor:
+    """A one-worker pool whose worker has imported math-verify, so that a call's timeout only
+    covers the call."""
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=1,
+                                                  mp_context=multiprocessing.get_context("spawn"))
+    pool.submit(_import_math_verify).result(timeout=STARTUP_TIMEOUT_S)
+    return pool
+
+
 def run_with_timeout(fn: Callable[..., Any], *args: Any, timeout: float) -> tuple[bool, Any]:
     """``(finished, result)`` of ``fn(*args)`` in the worker pool; a timeout kills the pool."""
     global _pool
     if _pool is None:
-        _pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        _pool = _start_pool()
     future = _pool.submit(fn, *args)
     try:
         return True, future.result(timeout=timeout)

@@ -18,8 +18,9 @@ from dirl_jax.rollout.sampler import SamplingConfig, decode_prompts
 
 class RolloutEngine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
-                 seed: int) -> list[dict[str, Any]]:
-        """One result per prompt (see :func:`dirl_jax.rollout.sampler.decode_prompts`)."""
+                 seed: int, row_seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """One result per prompt (see :func:`dirl_jax.rollout.sampler.decode_prompts`); with
+        ``row_seeds``, each prompt's sample depends only on ``seed`` and its own row seed."""
 
     def update_weights(self, params: nnx.State) -> None:
         """Makes the next ``generate`` sample from ``params`` (an ``nnx.Param`` state)."""
@@ -39,9 +40,9 @@ class InProcessEngine:
         self.mesh = mesh
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
-                 seed: int) -> list[dict[str, Any]]:
+                 seed: int, row_seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
         return decode_prompts(self.model, [list(p) for p in prompts], sampling, seed=seed,
-                              pad_token_id=self.pad_token_id, mesh=self.mesh)
+                              row_seeds=row_seeds, pad_token_id=self.pad_token_id, mesh=self.mesh)
 
     def update_weights(self, params: nnx.State) -> None:
         nnx.update(self.model, params)

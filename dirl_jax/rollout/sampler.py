@@ -61,6 +61,8 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     stop_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0               # stop tokens are never sampled before this many tokens
+    banned_ids: tuple[int, ...] = ()      # tokens never sampled (LMDeploy's bad_words)
     attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
@@ -72,7 +74,9 @@ class SamplingConfig:
                   ("temperature", self.temperature >= 0, "must be >= 0"),
                   ("top_k", self.top_k >= 0, "must be >= 0 (0 disables)"),
                   ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-                  ("steps", self.steps is None or self.steps >= 1, "must be >= 1")]
+                  ("steps", self.steps is None or self.steps >= 1, "must be >= 1"),
+                  ("min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens,
+                   "must be in [0, max_new_tokens]")]
         for name, ok, message in checks:
             if not ok:
                 raise ValueError(f"{name}: {message}, got {getattr(self, name)!r}")
@@ -106,13 +110,27 @@ def filter_logits(scaled: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return filtered
 
 
-def propose(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """Candidates and their log-probabilities under the full temperature-scaled distribution."""
+def constrain_logits(logits: jax.Array, response_index: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """``-inf`` for banned tokens everywhere, and for stop tokens at response positions
+    (``response_index [batch, B]``, 0-based) below ``min_new_tokens``."""
+    if cfg.banned_ids:
+        logits = logits.at[..., jnp.asarray(cfg.banned_ids)].set(-jnp.inf)
+    if cfg.min_new_tokens and cfg.stop_ids:
+        early = (response_index < cfg.min_new_tokens)[..., None]
+        is_stop = jnp.zeros(logits.shape[-1], bool).at[jnp.asarray(cfg.stop_ids)].set(True)
+        logits = jnp.where(early & is_stop, -jnp.inf, logits)
+    return logits
+
+
+def propose(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """Candidates ``[batch, B]`` (one key per row) and their log-probabilities under the full
+    temperature-scaled distribution."""
     if cfg.temperature == 0:
         return jnp.argmax(logits, axis=-1), jnp.max(jax.nn.log_softmax(logits, axis=-1), axis=-1)
     scaled = logits / cfg.temperature
     logp = jax.nn.log_softmax(scaled, axis=-1)
-    candidates = jax.random.categorical(key, filter_logits(scaled, cfg.top_k, cfg.top_p), axis=-1)
+    filtered = filter_logits(scaled, cfg.top_k, cfg.top_p)
+    candidates = jax.vmap(lambda key, row: jax.random.categorical(key, row, axis=-1))(keys, filtered)
     return candidates, jnp.take_along_axis(logp, candidates[..., None], axis=-1)[..., 0]
 
 
@@ -120,9 +138,10 @@ BlockCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 
 def decode(model: SDARForCausalLM, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
-           key: jax.Array, cfg: SamplingConfig, on_block: BlockCallback | None = None
+           row_keys: jax.Array, cfg: SamplingConfig, on_block: BlockCallback | None = None
            ) -> dict[str, jax.Array]:
-    """Decodes right-padded prompts ``[batch, prompt_bucket]`` (traceable; see :func:`decode_prompts`).
+    """Decodes right-padded prompts ``[batch, prompt_bucket]`` (traceable; see :func:`decode_prompts`)
+    with one sampling key per row, so a row's sample does not depend on its batch.
 
     Returns ``tokens, step_map, logprobs [batch, max_length]`` (prompt and response), ``end``
     (one past the last response slot), ``finish`` codes and per-row ``forwards``. ``on_block``,
@@ -170,8 +189,10 @@ def decode(model: SDARForCausalLM, prompt_tokens: jax.Array, prompt_lengths: jax
         kv_end = jnp.where(active, start + b_size, 0)
         hidden, cache = model.cached_hidden_states(q_canvas, cache_tags(kv_end), state["cache"],
                                                    start, attn_impl=cfg.attn_impl)
-        logits = model.logits(hidden).astype(jnp.float32)
-        candidates, logp = propose(logits, jax.random.fold_in(key, state["iteration"]), cfg)
+        logits = constrain_logits(model.logits(hidden).astype(jnp.float32),
+                                  positions - prompt_lengths[:, None], cfg)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, state["iteration"])
+        candidates, logp = propose(logits, step_keys, cfg)
 
         denoising = state["mode"] == DENOISE
         block_steps = _rows_slice(state["step_map"], start, b_size)
@@ -212,25 +233,22 @@ def decode(model: SDARForCausalLM, prompt_tokens: jax.Array, prompt_lengths: jax
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "on_block", "mesh"))
-def _decode_jit(graphdef, params, prompt_tokens, prompt_lengths, key, cfg, on_block, mesh):
-    def run(params, prompt_tokens, prompt_lengths, key):
-        return decode(nnx.merge(graphdef, params), prompt_tokens, prompt_lengths, key, cfg, on_block)
+def _decode_jit(graphdef, params, prompt_tokens, prompt_lengths, row_keys, cfg, on_block, mesh):
+    def run(params, prompt_tokens, prompt_lengths, row_keys):
+        return decode(nnx.merge(graphdef, params), prompt_tokens, prompt_lengths, row_keys, cfg,
+                      on_block)
 
     if mesh is None:
-        return run(params, prompt_tokens, prompt_lengths, key)
+        return run(params, prompt_tokens, prompt_lengths, row_keys)
     rows = jax.sharding.PartitionSpec(mesh.axis_names)  # batch over every device of the mesh
-
-    def shard(params, prompt_tokens, prompt_lengths, key):
-        shard_key = jax.random.fold_in(key, jax.lax.axis_index(mesh.axis_names))
-        return run(params, prompt_tokens, prompt_lengths, shard_key)
-
-    return jax.shard_map(shard, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), rows, rows,
-                                                     jax.sharding.PartitionSpec()),
-                         out_specs=rows, check_vma=False)(params, prompt_tokens, prompt_lengths, key)
+    return jax.shard_map(run, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), rows, rows, rows),
+                         out_specs=rows, check_vma=False)(params, prompt_tokens, prompt_lengths,
+                                                          row_keys)
 
 
 def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: SamplingConfig, *,
-                   seed: int = 0, pad_token_id: int = 0, on_block: BlockCallback | None = None,
+                   seed: int = 0, row_seeds: Sequence[int] | None = None, pad_token_id: int = 0,
+                   on_block: BlockCallback | None = None,
                    mesh: jax.sharding.Mesh | None = None) -> list[dict]:
     """Decodes prompts of any lengths in one batch; one result per prompt.
 
@@ -243,21 +261,31 @@ def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: Sampli
 
     With a ``mesh``, the batch is split over all its devices (data parallel; the parameters are
     replicated, each shard decodes its rows independently). The batch is padded with copies of
-    the last prompt to a multiple of the device count; sampling keys differ per shard.
+    the last prompt to a multiple of the device count.
+
+    Row ``i`` samples with the key ``fold_in(key(seed), row_seeds[i])`` (``row_seeds`` default
+    to the row indices, each in ``[0, 2**31)``): a row's sample depends on its seed, never on the
+    rest of the batch, so work can be split, reordered and resumed reproducibly.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: every prompt needs at least one token")
     count = len(prompts)
+    row_seeds = list(range(count)) if row_seeds is None else [int(s) for s in row_seeds]
+    if len(row_seeds) != count or not all(0 <= s < 2 ** 31 for s in row_seeds):
+        raise ValueError(f"row_seeds: need {count} seeds in [0, 2**31), got {row_seeds[:8]}...")
     if mesh is not None:
         prompts = list(prompts) + [prompts[-1]] * (-count % mesh.size)
+        row_seeds = row_seeds + [row_seeds[-1]] * (-count % mesh.size)
     lengths = np.array([len(p) for p in prompts], np.int32)
     bucket = -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
     padded = np.full((len(prompts), bucket), pad_token_id, np.int32)
     for i, prompt in enumerate(prompts):
         padded[i, :len(prompt)] = prompt
     graphdef, params = nnx.split(model)
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        jax.random.key(seed), jnp.asarray(row_seeds, jnp.int32))
     out = jax.device_get(_decode_jit(graphdef, params, jnp.asarray(padded), jnp.asarray(lengths),
-                                     jax.random.key(seed), cfg, on_block, mesh))
+                                     row_keys, cfg, on_block, mesh))
     stops = np.asarray(cfg.stop_ids, np.int32)
     results = []
     for i, length in enumerate(lengths[:count]):
@@ -280,17 +308,18 @@ def generate(model: SDARForCausalLM, prompts: Sequence[Sequence[int]], *,
              block_size: int | None = None, strategy: str = "low_confidence_dynamic",
              steps: int | None = None, threshold: float = 0.9, max_new_tokens: int = 256,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: Sequence[int] = (), seed: int = 0, mask_token_id: int | None = None,
-             pad_token_id: int | None = None, attn_impl: str = "auto",
-             on_block: BlockCallback | None = None,
+             stop_ids: Sequence[int] = (), min_new_tokens: int = 0, banned_ids: Sequence[int] = (),
+             seed: int = 0, row_seeds: Sequence[int] | None = None,
+             mask_token_id: int | None = None, pad_token_id: int | None = None,
+             attn_impl: str = "auto", on_block: BlockCallback | None = None,
              mesh: jax.sharding.Mesh | None = None) -> list[dict]:
     """Decodes token-id prompts of any lengths in one compiled batch; one result per prompt.
 
     ``block_size``, ``mask_token_id`` and ``pad_token_id`` default to the model config's.
     ``temperature=0`` is greedy. Each result holds ``token_ids``, ``step_map``, ``logprobs``,
     ``length``, ``finish_reason``, ``num_steps``, ``num_forwards`` and ``tokens_per_step``
-    (see :func:`dirl_jax.rollout.sampler.decode_prompts`). ``mesh`` splits the batch over its
-    devices (data parallel).
+    (see :func:`dirl_jax.rollout.sampler.decode_prompts`, also for ``row_seeds``). ``mesh``
+    splits the batch over its devices (data parallel).
     """
     config = model.config
     cfg = SamplingConfig(
@@ -298,7 +327,8 @@ def generate(model: SDARForCausalLM, prompts: Sequence[Sequence[int]], *,
         mask_token_id=config.mask_token_id if mask_token_id is None else mask_token_id,
         strategy=strategy, steps=steps, threshold=threshold, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tuple(int(t) for t in stop_ids),
+        min_new_tokens=min_new_tokens, banned_ids=tuple(int(t) for t in banned_ids),
         attn_impl=attn_impl)
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
-    return decode_prompts(model, [list(p) for p in prompts], cfg, seed=seed,
+    return decode_prompts(model, [list(p) for p in prompts], cfg, seed=seed, row_seeds=row_seeds,
                           pad_token_id=pad or 0, on_block=on_block, mesh=mesh)

@@ -1,0 +1,143 @@
+"""Runs a benchmark evaluation: k samples per question through a rollout engine, graded and
+recorded as they finish, then summarised (DIRL_SPEC §7.1).
+
+Every (benchmark, question, sample) decodes with its own key derived from the seed and a stable
+hash of its identity, so results do not depend on batching, on the number of hosts or on a
+restart: a resumed run skips the finished records and produces the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from dirl_jax.config import eval_decoding, validate_eval
+from dirl_jax.data import rl as rl_data
+from dirl_jax.data.tokenizer import load_tokenizer
+from dirl_jax.evaluation import records as records_lib
+from dirl_jax.evaluation.benchmarks import Question, grade_answer, load_benchmark
+from dirl_jax.evaluation.report import summarize, write_report
+from dirl_jax.model import load_model
+from dirl_jax.model.hf_io import resolve_dtype
+from dirl_jax.rollout.engine import InProcessEngine, RolloutEngine
+from dirl_jax.rollout.sampler import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+def model_dir(path: str) -> str:
+    """A training run directory stands for its HF export."""
+    export = os.path.join(path, "export")
+    return export if os.path.isfile(os.path.join(export, "config.json")) else path
+
+
+def sample_seed(benchmark: str, question_id: str, sample: int) -> int:
+    """A stable per-sample seed in ``[0, 2**31)`` (independent of order, batch and process)."""
+    digest = hashlib.sha256(f"{benchmark}\0{question_id}\0{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def make_engine(config: ConfigDict, model, pad_token_id: int) -> RolloutEngine:
+    """``jax``: the in-process engine over this host's devices; otherwise ``module:Class`` of an
+    engine implementing :class:`RolloutEngine` (e.g. the LMDeploy client in ``torch_bridge``),
+    constructed with ``servers=config.servers``."""
+    if config.engine == "jax":
+        devices = jax.local_devices()
+        mesh = jax.sharding.Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+        return InProcessEngine(model, pad_token_id=pad_token_id, mesh=mesh)
+    module, _, name = config.engine.partition(":")
+    return getattr(importlib.import_module(module), name)(servers=config.servers)
+
+
+def sampling_config(config: ConfigDict, tokenizer, block_size: int, mask_token_id: int) -> SamplingConfig:
+    """The preset's decoding settings with the config's overrides; ``<|im_end|>`` stops and
+    ``<|endoftext|>`` is never sampled, as in DiRL's evaluation."""
+    decoding = eval_decoding(config)
+    vocab = tokenizer.get_vocab()
+    return SamplingConfig(
+        block_size=block_size, mask_token_id=mask_token_id, strategy=decoding["strategy"],
+        steps=decoding["steps"] or None, threshold=decoding["threshold"],
+        max_new_tokens=config.max_new_tokens, temperature=decoding["temperature"],
+        top_k=decoding["top_k"], top_p=decoding["top_p"],
+        stop_ids=tuple(vocab[t] for t in ("<|im_end|>",) if t in vocab),
+        min_new_tokens=min(decoding["min_new_tokens"], config.max_new_tokens),
+        banned_ids=tuple(vocab[t] for t in ("<|endoftext|>",) if t in vocab),
+        attn_impl=config.attention_impl)
+
+
+def pending_work(questions: Sequence[Question], samples: int,
+                 done: dict[tuple[str, str, int], Any]) -> list[tuple[Question, int]]:
+    return [(q, s) for q in questions for s in range(samples)
+            if (q.benchmark, q.id, s) not in done]
+
+
+def run_evaluation(config: ConfigDict) -> dict[str, dict[str, Any]]:
+    """Evaluates ``config.model`` on ``config.benchmarks``; writes records, summary.json / .md /
+    .png to ``config.output_dir`` and returns the summary."""
+    validate_eval(config)
+    path = model_dir(config.model)
+    tokenizer = load_tokenizer(config.tokenizer or path)
+    model, model_config = load_model(path, resolve_dtype(config.compute_dtype))
+    sampling = sampling_config(config, tokenizer, model_config.block_size, model_config.mask_token_id)
+    engine = make_engine(config, model, tokenizer.pad_token_id or 0)
+    benchmarks = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
+    questions = [q for b in benchmarks for q in load_benchmark(
+        b, config.source or None, data_dir=config.data_dir or None, limit=config.limit or None)]
+    template = config.prompt_template or rl_data.DEFAULT_TEMPLATE
+
+    os.makedirs(config.output_dir, exist_ok=True)
+    settings = {"model": os.path.abspath(path) if os.path.exists(path) else path,
+                "engine": config.engine, "seed": config.seed, "prompt_template": template,
+                "compute_dtype": config.compute_dtype, **eval_decoding(config),
+                "max_new_tokens": config.max_new_tokens}
+    if jax.process_index() == 0:
+        records_lib.check_settings(config.output_dir, settings)
+    done = records_lib.read_records(config.output_dir)
+    work = pending_work(questions, config.samples_per_question, done)
+    work = work[jax.process_index()::jax.process_count()]
+    writer = records_lib.RecordWriter(records_lib.shard_path(
+        config.output_dir, jax.process_index(), jax.process_count()))
+    with tqdm(total=len(work), desc="evaluating", unit="sample", disable=not work) as progress:
+        for start in range(0, len(work), config.batch_size):
+            chunk = work[start:start + config.batch_size]
+            prompts = [tokenizer.encode(rl_data.render_prompt(q.question, template),
+                                        add_special_tokens=False) for q, _ in chunk]
+            results = engine.generate(prompts, sampling, seed=config.seed,
+                                      row_seeds=[sample_seed(q.benchmark, q.id, s) for q, s in chunk])
+            writer.write(grade_record(q, s, result, tokenizer, config) for (q, s), result
+                         in zip(chunk, results))
+            progress.update(len(chunk))
+    writer.close()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("dirl_jax.evaluate: records written")
+    summary: dict[str, dict[str, Any]] = {}
+    if jax.process_index() == 0:
+        records_lib.merge_shards(config.output_dir)
+        wanted = {(q.benchmark, q.id, s) for q in questions for s in range(config.samples_per_question)}
+        finished = [r for k, r in records_lib.read_records(config.output_dir).items() if k in wanted]
+        summary = summarize(finished, benchmarks)
+        write_report(summary, config.output_dir, model=os.path.basename(os.path.normpath(config.model)),
+                     decoding=config.decoding)
+    return summary
+
+
+def grade_record(question: Question, sample: int, result: dict[str, Any], tokenizer,
+                 config: ConfigDict) -> dict[str, Any]:
+    """One per-sample record: the response up to its stop token, graded."""
+    response = tokenizer.decode(result["token_ids"][:result["length"]])
+    extracted, correct = grade_answer(question.benchmark, response, question.answer,
+                                      timeout=config.grade_timeout)
+    return {"benchmark": question.benchmark, "question_id": question.id, "sample": sample,
+            "response": response, "extracted": extracted, "gold": question.answer,
+            "correct": bool(correct), "length": result["length"],
+            "tokens_per_step": result["tokens_per_step"], "num_steps": result["num_steps"],
+            "finish_reason": result["finish_reason"]}

@@ -1,0 +1,52 @@
+"""Per-token log-probabilities and entropies against a large vocabulary, a chunk at a time.
+
+``tokens x vocab`` logits are never materialised: hidden states are scored against the output
+embedding ``chunk`` tokens at a time inside a rematerialised scan, so forward and backward memory
+is O(chunk x vocab). Chunks with no active token are skipped. The SFT cross-entropy and the DiPO
+objective both score tokens through here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def chunked_token_scores(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array,
+                         active: jax.Array, *, chunk: int, temperature: float = 1.0,
+                         logits_dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """``log softmax(hidden @ output_embedding.T / T)[targets]`` and the softmax entropy, fp32.
+
+    ``hidden [N, E]``, ``output_embedding [V, E]``, ``targets, active [N]``. Inactive tokens
+    score 0; a chunk holding no active token is skipped, so callers put active tokens first.
+    The entropy is a statistic (no gradient). ``temperature`` 0 means 1 (greedy decoding scores
+    the unscaled distribution). ``logits_dtype`` is the matmul's output type: fp32 for losses,
+    the model's compute dtype to reproduce the sampler's logits bit for bit.
+    """
+    n, dim = hidden.shape
+    pad = (-n) % chunk
+    num_chunks = (n + pad) // chunk
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(num_chunks, chunk, dim)
+    targets = jnp.pad(targets, (0, pad)).reshape(num_chunks, chunk)
+    active = jnp.pad(active, (0, pad)).reshape(num_chunks, chunk)
+    temperature = temperature or 1.0
+
+    @jax.checkpoint
+    def score(h: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = jnp.einsum("ne,ve->nv", h, output_embedding.astype(h.dtype),
+                            preferred_element_type=logits_dtype).astype(jnp.float32) / temperature
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+        return jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0], jax.lax.stop_gradient(entropy)
+
+    def skipped(h: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        zeros = jnp.zeros(y.shape, jnp.float32)
+        return zeros, zeros
+
+    def body(xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        h, y, a = xs
+        logp, entropy = jax.lax.cond(jnp.any(a), score, skipped, h, y)
+        return jnp.where(a, logp, 0.0), jnp.where(a, entropy, 0.0)
+
+    logp, entropy = jax.lax.map(body, (hidden, targets, active))
+    return logp.reshape(-1)[:n], entropy.reshape(-1)[:n]
