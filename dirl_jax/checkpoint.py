@@ -50,6 +50,38 @@ class Checkpointer:
         self.manager.close()
 
 
+def _reader(directory: str | os.PathLike) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
+                                 options=ocp.CheckpointManagerOptions(
+                                     read_only=True, create=False, save_interval_steps=0))
+
+
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+    """The committed steps in ``directory`` (a run's ``checkpoints/``), ascending; the temporary
+    directories of interrupted saves are not steps."""
+    manager = _reader(directory)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def restore_params(directory: str | os.PathLike, step: int, abstract_params: Any) -> Any:
+    """Only ``params`` of checkpoint ``step`` in ``directory`` (neither the optimizer state nor
+    the data-iterator position), restored into the structure and dtypes of ``abstract_params``
+    (ShapeDtypeStructs, e.g. ``nnx.state(abstract_model, nnx.Param)``): sharded jax.Arrays where
+    a leaf has a sharding, host NumPy arrays where it has none."""
+    target = {"params": abstract_params}
+    manager = _reader(directory)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+    finally:
+        manager.close()
+    return restored.state["params"]
+
+
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a tree of arrays, for restoring into."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

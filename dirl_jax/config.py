@@ -108,7 +108,12 @@ def dipo_defaults() -> ConfigDict:
         prompts_per_step=8, group_size=8, strategy="low_confidence_dynamic", steps=0,
         threshold=0.9, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
         oversample=1,                     # prompts drawn per sampling round = oversample x prompts_per_step
-        max_prompt_tokens=0))             # longer prompts are dropped; 0 = keep all
+        max_prompt_tokens=0,              # longer prompts are dropped; 0 = keep all
+        engine="jax",                     # "jax" (in-process) or "module:Class" of a RolloutEngine,
+                                          # e.g. torch_bridge.lmdeploy_client:LMDeployEngine
+        engine_options=ConfigDict(dict(   # external engine: e.g. servers="http://h:23333,http://h2:23333",
+            servers="", weight_push="",   # weight_push="ipc" | "nccl:HOST:PORT" | "agents:URL,..."
+            model_dir=""))))              # the served export (default: init_from's HF directory)
     config.rewards = ConfigDict(dict(names=("accuracy",), weights=(), grade_timeout=10.0))
     config.train = ConfigDict(dict(
         num_steps=50, learning_rate=1e-5, warmup_steps=0, schedule="constant", min_lr_ratio=1.0,
@@ -152,6 +157,10 @@ def validate_dipo(config: ConfigDict) -> None:
           f"must be one of {AGGREGATIONS}, got {t.loss_aggregation!r}")
     check(t.old_logprobs in ("sampler", "trainer"), "train.old_logprobs",
           f"must be 'sampler' or 'trainer', got {t.old_logprobs!r}")
+    check(r.engine == "jax" or ":" in r.engine, "rollout.engine",
+          f"must be 'jax' or 'module:Class', got {r.engine!r}")
+    check(r.engine == "jax" or t.old_logprobs == "trainer", "train.old_logprobs",
+          "must be 'trainer' with an external rollout engine (LMDeploy returns no dLLM log-probs)")
     check(t.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {t.kl_beta}")
     check(t.canvas_rows > 0 and t.row_length > 0 and t.logprob_chunk > 0,
           "train.canvas_rows/row_length/logprob_chunk", "must be positive")
@@ -210,7 +219,7 @@ def eval_defaults() -> ConfigDict:
         config[name] = config_dict.placeholder(kind)
     config.batch_size = 64                # prompts per engine call (per host)
     config.engine = "jax"                 # "jax" (in-process) or "module:Class" of a RolloutEngine
-    config.servers = ""                   # for an external engine, e.g. comma-separated server URLs
+    config.engine_options = ConfigDict(dict(servers=""))  # external engine: comma-separated URLs
     config.compute_dtype = "bfloat16"
     config.attention_impl = "auto"
     config.grade_timeout = 10.0

@@ -37,7 +37,7 @@ from dirl_jax.model import load_model, save_model
 from dirl_jax.model.hf_io import resolve_dtype
 from dirl_jax.optim import learning_rate_schedule, make_optimizer
 from dirl_jax.rewards import Response, grade, weighted_rewards
-from dirl_jax.rollout.engine import InProcessEngine
+from dirl_jax.rollout.engine import RolloutEngine, make_engine
 from dirl_jax.rollout.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class Updater:
         return params, opt_state, stats
 
 
-def collect_groups(engine: InProcessEngine, stream, prompts: list[list[int]], answers: list[str],
+def collect_groups(engine: RolloutEngine, stream, prompts: list[list[int]], answers: list[str],
                    tokenizer, sampling: SamplingConfig, config: ConfigDict, step: int
                    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Sampled, graded groups; with dynamic sampling only the informative ones (bounded refill)."""
@@ -188,6 +188,7 @@ def pack_groups(groups: list[dict[str, Any]], model_config, config: ConfigDict
                               mask_token_id=model_config.mask_token_id, row_length=t.row_length)
     position = packed.canvas.positions[packed.score_row, packed.score_slot]
     old = np.array([results[i]["logprobs"][p - len(trajectories[i].prompt)]
+                    if results[i]["logprobs"] is not None else np.nan  # engines without log-probs
                     for i, p in zip(packed.score_trajectory, position)], np.float32)
     batches = dipo.micro_batches(packed, trajectories, old, rows=t.canvas_rows,
                                  num_scored=t.canvas_rows * t.row_length,
@@ -215,10 +216,10 @@ def train_on_groups(updater: Updater, params, opt_state, reference, groups, mode
         batches = [{**b, "ref_logp": updater.score(reference, b)} for b in batches]
     if t.old_logprobs == "trainer":
         old = [updater.score(params, b) for b in batches]
-        row["log_ratio_abs_max"] = max(
-            float(jnp.max(jnp.abs(jnp.where(b["loss_mask"] > 0, o - b["old_logp"], 0.0))))
-            for b, o in zip(batches, old))
-        check_log_ratio(row["log_ratio_abs_max"], t.max_log_ratio, step)
+        gaps = [jnp.where(b["loss_mask"] > 0, o - b["old_logp"], 0.0) for b, o in zip(batches, old)]
+        if not any(bool(jnp.isnan(g).any()) for g in gaps):  # the engine returned log-probs
+            row["log_ratio_abs_max"] = max(float(jnp.max(jnp.abs(g))) for g in gaps)
+            check_log_ratio(row["log_ratio_abs_max"], t.max_log_ratio, step)
         batches = [{**b, "old_logp": o} for b, o in zip(batches, old)]
     for iteration in range(t.ppo_iterations):
         params, opt_state, stats = updater.step(params, opt_state, batches, step)
@@ -250,7 +251,10 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
                               max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                               top_k=r.top_k, top_p=r.top_p, stop_ids=stop_ids,
                               attn_impl=config.model.attention_impl)
-    engine = InProcessEngine(model, pad_token_id=tokenizer.pad_token_id or 0)
+    options = {k: v for k, v in r.engine_options.items() if v}  # used by external engines only
+    options.setdefault("model_dir", model_dir)
+    engine = make_engine(r.engine, model, sampling, pad_token_id=tokenizer.pad_token_id or 0,
+                         tokenizer=config.tokenizer or model_dir, options=options)
     stream = iter(rl_data.prompt_batches(len(prompts), prompts_per_step=r.prompts_per_step,
                                          seed=config.seed, process_index=jax.process_index(),
                                          process_count=jax.process_count()))
@@ -268,7 +272,8 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     def evaluate(step: int) -> dict[str, Any]:
         if not held_out or config.eval.num_examples <= 0:
             return {}
-        result = evaluate_builtin(engine.model, model_config, tokenizer, held_out, config)
+        result = evaluate_builtin(nnx.merge(graphdef, params), model_config, tokenizer, held_out,
+                                  config)
         return {"eval_accuracy": result["accuracy"], "eval_tokens_per_step": result["tokens_per_step"]}
 
     result: dict[str, Any] = {}
@@ -305,6 +310,6 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     if result and jax.process_index() == 0:
         write_json_atomic(os.path.join(run_dir, "eval.json"), result)
     if config.export.enabled:
-        save_model(engine.model, model_config, os.path.join(run_dir, "export"), tokenizer_dir=model_dir,
+        save_model(nnx.merge(graphdef, params), model_config, os.path.join(run_dir, "export"), tokenizer_dir=model_dir,
                    dtype=config.export.dtype, overwrite=True)
     return result

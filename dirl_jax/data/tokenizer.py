@@ -15,7 +15,8 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         raise FileNotFoundError(f"{path}: no tokenizer_config.json (expected a tokenizer directory)")
-    return AutoTokenizer.from_pretrained(path)
+    # SDAR directories carry remote config code (auto_map) that a tokenizer never needs
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def rollout_messages(question: str) -> list[dict[str, str]]:

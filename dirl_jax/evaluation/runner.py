@@ -9,13 +9,11 @@ restart: a resumed run skips the finished records and produces the same files.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import os
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -27,7 +25,7 @@ from dirl_jax.evaluation.benchmarks import Question, grade_answer, load_benchmar
 from dirl_jax.evaluation.report import summarize, write_report
 from dirl_jax.model import load_model
 from dirl_jax.model.hf_io import resolve_dtype
-from dirl_jax.rollout.engine import InProcessEngine, RolloutEngine
+from dirl_jax.rollout.engine import make_engine
 from dirl_jax.rollout.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -43,18 +41,6 @@ def sample_seed(benchmark: str, question_id: str, sample: int) -> int:
     """A stable per-sample seed in ``[0, 2**31)`` (independent of order, batch and process)."""
     digest = hashlib.sha256(f"{benchmark}\0{question_id}\0{sample}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def make_engine(config: ConfigDict, model, pad_token_id: int) -> RolloutEngine:
-    """``jax``: the in-process engine over this host's devices; otherwise ``module:Class`` of an
-    engine implementing :class:`RolloutEngine` (e.g. the LMDeploy client in ``torch_bridge``),
-    constructed with ``servers=config.servers``."""
-    if config.engine == "jax":
-        devices = jax.local_devices()
-        mesh = jax.sharding.Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
-        return InProcessEngine(model, pad_token_id=pad_token_id, mesh=mesh)
-    module, _, name = config.engine.partition(":")
-    return getattr(importlib.import_module(module), name)(servers=config.servers)
 
 
 def sampling_config(config: ConfigDict, tokenizer, block_size: int, mask_token_id: int) -> SamplingConfig:
@@ -87,7 +73,8 @@ def run_evaluation(config: ConfigDict) -> dict[str, dict[str, Any]]:
     tokenizer = load_tokenizer(config.tokenizer or path)
     model, model_config = load_model(path, resolve_dtype(config.compute_dtype))
     sampling = sampling_config(config, tokenizer, model_config.block_size, model_config.mask_token_id)
-    engine = make_engine(config, model, tokenizer.pad_token_id or 0)
+    engine = make_engine(config.engine, model, sampling, pad_token_id=tokenizer.pad_token_id or 0,
+                         tokenizer=config.tokenizer or path, options={k: v for k, v in config.engine_options.items() if v})
     benchmarks = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
     questions = [q for b in benchmarks for q in load_benchmark(
         b, config.source or None, data_dir=config.data_dir or None, limit=config.limit or None)]

@@ -215,6 +215,7 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool) -> Iterator
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the export from a server run as another user
     try:
         yield tmp
         if os.path.exists(out_dir):

@@ -7,9 +7,11 @@ LMDeploy client (``torch_bridge``) implements the same two methods.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Protocol, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 
 from dirl_jax.model.sdar import SDARForCausalLM
@@ -46,3 +48,22 @@ class InProcessEngine:
 
     def update_weights(self, params: nnx.State) -> None:
         nnx.update(self.model, params)
+
+
+def make_engine(spec: str, model: SDARForCausalLM, sampling: SamplingConfig, *, pad_token_id: int,
+                tokenizer: str, options: dict[str, Any] | None = None) -> RolloutEngine:
+    """The engine named by ``spec``: ``"jax"`` is the in-process engine over this host's devices;
+    ``"module:Class"`` (e.g. ``torch_bridge.lmdeploy_client:LMDeployEngine``) is constructed with
+    the decoding settings its servers must have been launched with, the ``tokenizer`` path and
+    ``options`` (servers, weight push, ...). ``dirl_jax`` itself never imports such a module."""
+    if spec == "jax":
+        devices = jax.local_devices()
+        mesh = jax.sharding.Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+        return InProcessEngine(model, pad_token_id=pad_token_id, mesh=mesh)
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"engine: expected 'jax' or 'module:Class', got {spec!r}")
+    engine_class = getattr(importlib.import_module(module), name)
+    return engine_class(tokenizer=tokenizer, block_size=sampling.block_size,
+                        strategy=sampling.strategy, threshold=sampling.threshold,
+                        denoising_steps=sampling.denoising_steps, **dict(options or {}))

@@ -282,6 +282,8 @@ def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: Sampli
     for i, prompt in enumerate(prompts):
         padded[i, :len(prompt)] = prompt
     graphdef, params = nnx.split(model)
+    if mesh is not None:  # replicated over the mesh (a no-op when the parameters already are)
+        params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
         jax.random.key(seed), jnp.asarray(row_seeds, jnp.int32))
     out = jax.device_get(_decode_jit(graphdef, params, jnp.asarray(padded), jnp.asarray(lengths),
