@@ -54,15 +54,16 @@ def markdown_table(summary: dict[str, dict[str, Any]], *, model: str, decoding: 
     names = list(summary)
     header = ["Model", "Decoding", "Metric", *(DISPLAY_NAMES.get(n, n) for n in names), "Avg."]
 
-    def row(metric: str, cell, mean_of: str) -> list[str]:
-        mean = np.mean([summary[n][mean_of] for n in names])
-        return [model, decoding, metric, *(cell(summary[n]) for n in names),
-                f"{100 * mean:.1f}" if mean_of == "accuracy" else f"{mean:.2f}"]
+    def row(metric: str, field: str, scale: float, digits: int, with_se: bool = False) -> list[str]:
+        def cell(entry: dict[str, Any]) -> str:
+            text = f"{scale * entry[field]:.{digits}f}"
+            return f"{text} ± {scale * entry['accuracy_se']:.{digits}f}" if with_se else text
+        mean = np.mean([summary[n][field] for n in names])
+        return [model, decoding, metric, *(cell(summary[n]) for n in names), f"{scale * mean:.{digits}f}"]
 
-    rows = [row("accuracy (%)", lambda s: f"{100 * s['accuracy']:.1f} ± {100 * s['accuracy_se']:.1f}",
-                "accuracy"),
-            row("tokens / step", lambda s: f"{s['tokens_per_step']:.2f}", "tokens_per_step"),
-            row("avg length", lambda s: f"{s['avg_length']:.0f}", "avg_length")]
+    rows = [row("accuracy (%)", "accuracy", 100, 1, with_se=True),
+            row("tokens / step", "tokens_per_step", 1, 2),
+            row("avg length", "avg_length", 1, 0)]
     counts = ", ".join(f"{DISPLAY_NAMES.get(n, n)} {summary[n]['num_questions']} questions × "
                        f"{summary[n]['num_samples'] // max(summary[n]['num_questions'], 1)} samples"
                        for n in names)
