@@ -6,6 +6,7 @@ from ml_collections import ConfigDict, config_dict
 
 from dirl_jax.attention import IMPLEMENTATIONS
 from dirl_jax.dipo import AGGREGATIONS, worst_case_canvas_tokens
+from dirl_jax.rollout.engine import ENGINE_ALIASES
 from dirl_jax.rollout.unmasking import STRATEGIES as UNMASKING_STRATEGIES
 
 SCHEDULES = ("cosine", "constant")
@@ -109,8 +110,8 @@ def dipo_defaults() -> ConfigDict:
         threshold=0.9, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
         oversample=1,                     # prompts drawn per sampling round = oversample x prompts_per_step
         max_prompt_tokens=0,              # longer prompts are dropped; 0 = keep all
-        engine="jax",                     # "jax" (in-process) or "module:Class" of a RolloutEngine,
-                                          # e.g. torch_bridge.lmdeploy_client:LMDeployEngine
+        engine="jax",                     # "jax" (in-process), "lmdeploy" (torch_bridge's client)
+                                          # or "module:Class" of a RolloutEngine
         engine_options=ConfigDict(dict(   # external engine: e.g. servers="http://h:23333,http://h2:23333",
             servers="", weight_push="",   # weight_push="ipc" | "nccl:HOST:PORT" | "agents:URL,..."
             model_dir=""))))              # the served export (default: init_from's HF directory)
@@ -157,8 +158,8 @@ def validate_dipo(config: ConfigDict) -> None:
           f"must be one of {AGGREGATIONS}, got {t.loss_aggregation!r}")
     check(t.old_logprobs in ("sampler", "trainer"), "train.old_logprobs",
           f"must be 'sampler' or 'trainer', got {t.old_logprobs!r}")
-    check(r.engine == "jax" or ":" in r.engine, "rollout.engine",
-          f"must be 'jax' or 'module:Class', got {r.engine!r}")
+    check(r.engine in ("jax", *ENGINE_ALIASES) or ":" in r.engine, "rollout.engine",
+          f"must be 'jax', one of {tuple(ENGINE_ALIASES)} or 'module:Class', got {r.engine!r}")
     check(r.engine == "jax" or t.old_logprobs == "trainer", "train.old_logprobs",
           "must be 'trainer' with an external rollout engine (LMDeploy returns no dLLM log-probs)")
     check(t.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {t.kl_beta}")
@@ -218,7 +219,7 @@ def eval_defaults() -> ConfigDict:
                        ("min_new_tokens", int)):
         config[name] = config_dict.placeholder(kind)
     config.batch_size = 64                # prompts per engine call (per host)
-    config.engine = "jax"                 # "jax" (in-process) or "module:Class" of a RolloutEngine
+    config.engine = "jax"                 # "jax" (in-process), "lmdeploy" or "module:Class"
     config.engine_options = ConfigDict(dict(servers=""))  # external engine: comma-separated URLs
     config.compute_dtype = "bfloat16"
     config.attention_impl = "auto"
@@ -251,8 +252,8 @@ def validate_eval(config: ConfigDict) -> None:
     check(config.samples_per_question > 0, "samples_per_question", "must be positive")
     check(config.max_new_tokens > 0, "max_new_tokens", "must be positive")
     check(config.batch_size > 0, "batch_size", "must be positive")
-    check(config.engine == "jax" or ":" in config.engine, "engine",
-          f"must be 'jax' or 'module:Class', got {config.engine!r}")
+    check(config.engine in ("jax", *ENGINE_ALIASES) or ":" in config.engine, "engine",
+          f"must be 'jax', one of {tuple(ENGINE_ALIASES)} or 'module:Class', got {config.engine!r}")
     check(config.compute_dtype in DTYPES, "compute_dtype",
           f"must be one of {DTYPES}, got {config.compute_dtype!r}")
     check(config.attention_impl in IMPLEMENTATIONS, "attention_impl",

@@ -8,6 +8,8 @@ from absl import app
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from dirl_jax import distributed
+
 from dirl_jax.evaluation.report import markdown_table
 from dirl_jax.evaluation.runner import run_evaluation
 
@@ -21,6 +23,7 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         raise app.UsageError("--config configs/eval_<name>.py is required")
     absl_logging.set_verbosity(absl_logging.WARNING)
+    distributed.initialize_from_flags()  # multi-host: before any JAX computation
     config = _CONFIG.value
     summary = run_evaluation(config)
     if summary:

@@ -20,7 +20,7 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
-from dirl_jax import diffusion
+from dirl_jax import diffusion, distributed
 from dirl_jax.checkpoint import start_or_resume
 from dirl_jax.config import check_model_block_size, validate
 from dirl_jax.data import sft as sft_data
@@ -206,6 +206,7 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         raise app.UsageError("--config configs/<name>.py is required")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
+    distributed.initialize_from_flags()  # multi-host: before any JAX computation
     if _CONFIG.value.task == "dipo":
         from dirl_jax.dipo_train import run_dipo
         run_dipo(_CONFIG.value)

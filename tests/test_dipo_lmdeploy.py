@@ -28,7 +28,7 @@ def test_dipo_rolls_out_on_lmdeploy_and_pushes_weights_through_an_agent(tmp_path
     config = tiny_run_config(tmp_path, seed)
     config.rewards.names = ("text_sum",)
     config.train.update(num_steps=1, old_logprobs="trainer")
-    config.rollout.update(engine="torch_bridge.lmdeploy_client:LMDeployEngine", top_k=50)
+    config.rollout.update(engine="lmdeploy", top_k=50)
     config.eval.num_examples = 0
     config.export.enabled = True
     model, _ = load_model(config.init_from)

@@ -50,17 +50,21 @@ class InProcessEngine:
         nnx.update(self.model, params)
 
 
+# Short names for external engines (resolved by import path: dirl_jax never imports them).
+ENGINE_ALIASES = {"lmdeploy": "torch_bridge.lmdeploy_client:LMDeployEngine"}
+
+
 def make_engine(spec: str, model: SDARForCausalLM, sampling: SamplingConfig, *, pad_token_id: int,
                 tokenizer: str, options: dict[str, Any] | None = None) -> RolloutEngine:
     """The engine named by ``spec``: ``"jax"`` is the in-process engine over this host's devices;
-    ``"module:Class"`` (e.g. ``torch_bridge.lmdeploy_client:LMDeployEngine``) is constructed with
+    ``"lmdeploy"`` or any ``"module:Class"`` (see ``ENGINE_ALIASES``) is constructed with
     the decoding settings its servers must have been launched with, the ``tokenizer`` path and
     ``options`` (servers, weight push, ...). ``dirl_jax`` itself never imports such a module."""
     if spec == "jax":
         devices = jax.local_devices()
         mesh = jax.sharding.Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
         return InProcessEngine(model, pad_token_id=pad_token_id, mesh=mesh)
-    module, _, name = spec.partition(":")
+    module, _, name = ENGINE_ALIASES.get(spec, spec).partition(":")
     if not module or not name:
         raise ValueError(f"engine: expected 'jax' or 'module:Class', got {spec!r}")
     engine_class = getattr(importlib.import_module(module), name)
