@@ -1,5 +1,8 @@
 """Orbax checkpoints of a training run: train state, data-iterator position and metadata.
 
+The data streams yield the same global sequence on every host (each host takes its rows), so one
+copy of the iterator state, written by process 0, restores a run on any number of hosts.
+
 Orbax writes each step to a temporary directory and commits it atomically, so a crash during
 a save leaves the previous checkpoint usable.
 """
@@ -9,10 +12,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from dirl_jax.mesh import on_mesh
 
 
 class Checkpointer:
@@ -31,7 +35,7 @@ class Checkpointer:
              force: bool = False) -> bool:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data_iter=grain.checkpoint.CheckpointSave(data_iterator),
+            data_iter=ocp.args.JsonSave(data_iterator.get_state()),
             meta=ocp.args.JsonSave(meta)), force=force)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict[str, Any]]:
@@ -39,8 +43,8 @@ class Checkpointer:
         ``data_iterator`` to the saved position."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
-            data_iter=grain.checkpoint.CheckpointRestore(data_iterator),
-            meta=ocp.args.JsonRestore()))
+            data_iter=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        data_iterator.set_state(restored.data_iter)
         return restored.state, restored.meta
 
     def wait(self) -> None:
@@ -88,14 +92,19 @@ def abstract_like(tree: Any) -> Any:
 
 
 def start_or_resume(model: Any, tx: Any, run_dir: str, checkpoint_config: Any,
-                    data_iterator: Any) -> tuple[Any, Any, Any, Checkpointer, int]:
-    """Splits ``model`` into ``(graphdef, params)``, initialises ``tx``'s state and restores the
-    latest checkpoint of ``run_dir`` (parameters, optimizer, ``data_iterator`` position) if any.
+                    data_iterator: Any, *, mesh: jax.sharding.Mesh | None = None
+                    ) -> tuple[Any, Any, Any, Checkpointer, int]:
+    """Splits ``model`` into ``(graphdef, params)``, initialises ``tx``'s state (its moments
+    sharded like the parameters, the rest replicated over ``mesh``) and restores the latest
+    checkpoint of ``run_dir`` (parameters, optimizer, ``data_iterator`` position) if any, into
+    those shardings — whatever mesh the checkpoint was written from.
 
     Returns ``graphdef, params, opt_state, checkpointer, start_step``.
     """
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = tx.init(params)
+    if mesh is not None:
+        opt_state = on_mesh(opt_state, mesh)
     checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
                                 every_steps=checkpoint_config.every_steps, keep=checkpoint_config.keep)
     start = checkpointer.latest_step() or 0

@@ -42,6 +42,8 @@ def sft_defaults() -> ConfigDict:
         split="train", max_length=128, overlong="drop", packing_bins=8,
         builtin_train_size=20000, builtin_eval_size=500, builtin_max_operand=49))
     config.diffusion = ConfigDict(dict(block_size=4, eps=1e-3, loss_chunk=1024))
+    # devices of all processes as data x fsdp x tensor; data = 0 takes what fsdp x tensor leave
+    config.mesh = ConfigDict(dict(data=0, fsdp=1, tensor=1))
     config.train = ConfigDict(dict(
         num_steps=1000, global_batch=16, grad_accum=1, learning_rate=1e-3, warmup_steps=100,
         schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, decay_norms=False, b1=0.9,

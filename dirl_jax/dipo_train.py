@@ -233,6 +233,9 @@ def train_on_groups(updater: Updater, params, opt_state, reference, groups, mode
 def run_dipo(config: ConfigDict) -> dict[str, Any]:
     """Runs (or resumes) DiPO as configured; returns the last held-out evaluation (if any)."""
     validate_dipo(config)
+    if jax.process_count() > 1:
+        raise NotImplementedError("DiPO runs in one process for now (its rollouts are not yet gathered "
+                                  "across hosts); SFT and evaluation scale over hosts")
     model_dir = _model_dir(config.init_from)
     tokenizer = load_tokenizer(config.tokenizer or model_dir)
     t, r = config.train, config.rollout

@@ -21,6 +21,7 @@ from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
 from dirl_jax import diffusion, distributed
+from dirl_jax import mesh as mesh_lib
 from dirl_jax.checkpoint import start_or_resume
 from dirl_jax.config import check_model_block_size, validate
 from dirl_jax.data import sft as sft_data
@@ -29,7 +30,7 @@ from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.evaluate_builtin import evaluate_builtin
 from dirl_jax.metrics import MetricsWriter, write_json_atomic
 from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
-from dirl_jax.model.hf_io import resolve_dtype
+from dirl_jax.model.hf_io import resolve_dtype, resolve_model_dir
 from dirl_jax.optim import learning_rate_schedule, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,14 @@ def build_records(config: ConfigDict) -> tuple[list[Any], list[dict[str, Any]]]:
     return sft_data.read_records(data.source, data.split), []
 
 
-def build_model(config: ConfigDict, tokenizer) -> tuple[SDARForCausalLM, SDARConfig]:
-    dtype = resolve_dtype(config.train.compute_dtype)
-    param_dtype = resolve_dtype(config.train.param_dtype)
+def build_model_config(config: ConfigDict, tokenizer) -> SDARConfig:
+    """The architecture: ``init_from``'s config.json, or ``config.model`` for a fresh model."""
     if config.init_from:
-        model, model_config = load_model(config.init_from, dtype, param_dtype=param_dtype,
-                                         remat=config.model.remat)
+        model_config = SDARConfig.from_pretrained(resolve_model_dir(config.init_from))
         check_model_block_size(config, model_config.block_size)
-        return model, model_config
+        return model_config
     m = config.model
-    model_config = SDARConfig(
+    return SDARConfig(
         vocab_size=m.vocab_size or len(tokenizer), hidden_size=m.hidden_size,
         intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
@@ -74,9 +73,20 @@ def build_model(config: ConfigDict, tokenizer) -> tuple[SDARForCausalLM, SDARCon
         rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-    model = SDARForCausalLM(model_config, rngs=nnx.Rngs(config.seed), dtype=dtype,
-                            param_dtype=param_dtype, remat=m.remat)
-    return model, model_config
+
+
+def build_model(config: ConfigDict, model_config: SDARConfig, mesh: jax.sharding.Mesh
+                ) -> SDARForCausalLM:
+    """The model with every parameter created (or loaded) straight into its sharding on ``mesh``."""
+    dtype = resolve_dtype(config.train.compute_dtype)
+    param_dtype = resolve_dtype(config.train.param_dtype)
+    if config.init_from:
+        model, _ = load_model(config.init_from, dtype, param_dtype=param_dtype, mesh=mesh,
+                              remat=config.model.remat)
+        return model
+    return mesh_lib.sharded_model(
+        lambda: SDARForCausalLM(model_config, rngs=nnx.Rngs(config.seed), dtype=dtype,
+                                param_dtype=param_dtype, remat=config.model.remat), mesh)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -122,9 +132,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
 
 
 def step_key(base_key: jax.Array, step: int) -> jax.Array:
-    """The noise key of a step on this host: a pure function of (seed, step, host), so a resumed
-    run draws exactly the noise of an uninterrupted one."""
-    return jax.random.fold_in(jax.random.fold_in(base_key, step), jax.process_index())
+    """The noise key of a step: a pure function of (seed, step), the same on every host (the
+    global batch's rows then get one key each), so a resumed run, or one split over other hosts
+    or devices, draws exactly the noise of an uninterrupted single-process one."""
+    return jax.random.fold_in(jax.random.fold_in(base_key, step), 0)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -136,7 +147,11 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
     examples, _ = sft_data.prepare_examples(
         train_records, tokenizer, block_size=config.diffusion.block_size,
         max_length=config.data.max_length, overlong=config.data.overlong, source=config.data.source)
-    model, model_config = build_model(config, tokenizer)
+    model_config = build_model_config(config, tokenizer)
+    shape = mesh_lib.mesh_shape(config.mesh, jax.device_count())
+    mesh_lib.check_mesh_fits(shape, model_config, config.train.global_batch // config.train.grad_accum)
+    mesh = mesh_lib.make_mesh(shape)
+    model = build_model(config, model_config, mesh)
 
     # Everything was validated: from here on the run directory is written.
     run_dir = os.path.abspath(config.run_dir)
@@ -151,12 +166,12 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
     rows_per_host = train.global_batch // jax.process_count()
     micro = rows_per_host // train.grad_accum
     data_iter = iter(sft_data.packed_batches(
-        examples, seq_len=config.data.max_length, rows=rows_per_host, seed=config.seed,
+        examples, seq_len=config.data.max_length, rows=train.global_batch, seed=config.seed,
         pad_id=tokenizer.pad_token_id, process_index=jax.process_index(),
         process_count=jax.process_count(), packing_bins=config.data.packing_bins))
     tx = make_optimizer(train)
     graphdef, params, opt_state, checkpointer, start = start_or_resume(
-        model, tx, run_dir, config.checkpoint, data_iter)
+        model, tx, run_dir, config.checkpoint, data_iter, mesh=mesh)
     train_step = make_train_step(graphdef, tx, config, model_config)
     base_key = jax.random.key(config.seed)
     writer = MetricsWriter(run_dir, resume_step=start, total_steps=train.num_steps,
@@ -165,10 +180,12 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
     last_time = time.time()
     for step in range(start, train.num_steps):
         batch = next(data_iter)
-        real_tokens = int((batch["segment_ids"] >= 0).sum())
-        batch = {k: jnp.asarray(v).reshape(train.grad_accum, micro, -1) for k, v in batch.items()}
-        params, opt_state, metrics = train_step(params, opt_state, batch,
-                                                step_key(base_key, step), step)
+        real_tokens = int((batch["segment_ids"] >= 0).sum()) * jax.process_count()  # ~ global
+        batch = mesh_lib.global_batch({k: v.reshape(train.grad_accum, micro, -1)
+                                       for k, v in batch.items()}, mesh, row_axis=1)
+        with jax.set_mesh(mesh):  # Pallas attention kernels then run per device
+            params, opt_state, metrics = train_step(params, opt_state, batch,
+                                                    step_key(base_key, step), step)
         pending.append((step + 1, metrics, real_tokens))
         checkpointer.save(step + 1, {"params": params, "opt_state": opt_state}, data_iter,
                           {"step": step + 1, "seed": config.seed}, force=step + 1 == train.num_steps)
@@ -184,7 +201,10 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
     writer.close()
     model = nnx.merge(graphdef, params)
     result: dict[str, Any] = {}
-    if eval_records and config.eval.num_examples > 0:
+    if eval_records and config.eval.num_examples > 0 and jax.process_count() > 1:
+        log.warning("the built-in held-out eval runs in single-process runs; evaluate the export "
+                    "with python -m dirl_jax.evaluate")
+    elif eval_records and config.eval.num_examples > 0:
         result = evaluate_builtin(model, model_config, tokenizer, eval_records, config)
         print(f"held-out accuracy {result['accuracy']:.3f} on {result['num_examples']} examples "
               f"({result['strategy']}, {result['tokens_per_step']:.2f} tokens/step)", flush=True)

@@ -81,7 +81,7 @@ def run_dir(tmp_path_factory) -> pathlib.Path:
     config.data.update(max_length=96, builtin_train_size=64, builtin_eval_size=0)
     config.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    config.train.update(num_steps=2, global_batch=4, warmup_steps=0, schedule="constant")
+    config.train.update(num_steps=2, global_batch=8, warmup_steps=0, schedule="constant")
     config.checkpoint.update(every_steps=1, keep=3)
     config.eval.num_examples = 0
     config.export.dtype = "float32"

@@ -16,6 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from conftest import REPO
+from dirl_jax import mesh as mesh_lib
 from dirl_jax import train as train_lib
 from dirl_jax.config import ConfigValueError, sft_defaults, validate
 from dirl_jax.data import sft as sft_data
@@ -31,7 +32,7 @@ def tiny_run_config(run_dir, **train_overrides):
     config.data.update(max_length=96, builtin_train_size=300, builtin_eval_size=8)
     config.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    config.train.update(num_steps=6, global_batch=4, learning_rate=3e-3, warmup_steps=2,
+    config.train.update(num_steps=6, global_batch=8, learning_rate=3e-3, warmup_steps=2,
                         schedule="constant", log_every=2)
     config.train.update(**train_overrides)
     config.checkpoint.every_steps = 3
@@ -53,7 +54,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, seed):
     results = []
     for accum in (1, 4):
         config.train.update(global_batch=8, grad_accum=accum)
-        model, model_config = train_lib.build_model(config, tokenizer)
+        model_config = train_lib.build_model_config(config, tokenizer)
+        model = train_lib.build_model(config, model_config, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
         graphdef, params = nnx.split(model, nnx.Param)
         tx = make_optimizer(config.train)
         step = train_lib.make_train_step(graphdef, tx, config, model_config)

@@ -155,8 +155,7 @@ def run_model_config(run_dir: str, config: ConfigDict) -> SDARConfig:
         return SDARConfig.from_pretrained(export)
     if config.get("init_from"):
         return SDARConfig.from_pretrained(resolve_model_dir(run_export_dir(config.init_from)))
-    tokenizer = train_lib.build_tokenizer(config)
-    return nnx.eval_shape(lambda: train_lib.build_model(config, tokenizer)[0]).config
+    return train_lib.build_model_config(config, train_lib.build_tokenizer(config))
 
 
 def run_tokenizer_dir(run_dir: str, config: ConfigDict) -> str:

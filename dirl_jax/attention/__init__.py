@@ -16,6 +16,7 @@ impl           what                                                             
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -77,6 +78,25 @@ def _block_sparse(kernel: Any, q: jax.Array, k: jax.Array, v: jax.Array,
     return out[:, :q_len]
 
 
+ROW_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"  # dirl_jax.mesh's axes
+
+
+def _per_device(kernel: Any, q: jax.Array, k: jax.Array, v: jax.Array,
+                q_canvas: canvas_lib.Canvas, kv_canvas: canvas_lib.Canvas) -> jax.Array:
+    """``kernel(q, k, v, q_canvas, kv_canvas)``, under a mesh (``jax.set_mesh``) once per device
+    on its rows (``data x fsdp``) and heads (``tensor``): XLA cannot partition a Pallas kernel,
+    and would otherwise gather every operand onto every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, q_canvas, kv_canvas)
+    P = jax.sharding.PartitionSpec
+    rows = tuple(a for a in ROW_AXES if a in mesh.axis_names) or None
+    heads = P(rows, None, HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None, None)
+    tags = jax.tree.map(lambda _: P(rows, None), q_canvas)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, tags, tags),
+                         out_specs=heads, check_vma=False)(q, k, v, q_canvas, kv_canvas)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
               q_canvas: canvas_lib.Canvas | None = None,
               kv_canvas: canvas_lib.Canvas | None = None,
@@ -112,9 +132,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     backend = jax.default_backend()
     if impl == "pallas_gpu":  # interpreted (slowly) where there is no GPU: tests, CPU debugging
         from dirl_jax.attention.pallas_gpu import pallas_gpu_attention
-        return _block_sparse(pallas_gpu_attention, q, k, v, q_canvas, kv_canvas,
-                             tile or DEFAULT_TILES["pallas_gpu"], scale=scale,
-                             interpret=backend not in ("gpu", "cuda", "rocm"))
+        kernel = functools.partial(_block_sparse, pallas_gpu_attention,
+                                   tile=tile or DEFAULT_TILES["pallas_gpu"], scale=scale,
+                                   interpret=backend not in ("gpu", "cuda", "rocm"))
+        return _per_device(kernel, q, k, v, q_canvas, kv_canvas)
     from dirl_jax.attention.splash import splash_attention
     if layout is None:
         raise ValueError("attention impl 'splash' needs `layout` (a StreamMajorLayout of the canvas)")
@@ -123,7 +144,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                          "with a KV cache")
     if scale is not None:
         raise ValueError("attention impl 'splash' uses the default head_dim ** -0.5 scale")
-    return splash_attention(q, k, v, q_canvas.segment_ids, layout, interpret=backend != "tpu")
+    return _per_device(lambda q, k, v, canvas, _: splash_attention(
+        q, k, v, canvas.segment_ids, layout, interpret=backend != "tpu"), q, k, v, q_canvas, kv_canvas)
 
 
 __all__ = ["IMPLEMENTATIONS", "attention", "reference_attention", "resolve_impl",

@@ -162,14 +162,19 @@ def prepare_examples(records: Iterable[Any], tokenizer: PreTrainedTokenizerBase,
 def packed_batches(examples: list[dict[str, np.ndarray]], *, seq_len: int, rows: int, seed: int,
                    pad_id: int, process_index: int = 0, process_count: int = 1,
                    packing_bins: int = 8) -> grain.IterDataset:
-    """An endless, seeded, per-host stream of ``rows`` packed rows of ``seq_len`` tokens.
+    """An endless, seeded stream of global batches of ``rows`` packed rows of ``seq_len``
+    tokens, of which this host yields its contiguous share of ``rows / process_count`` rows.
 
-    Each batch holds ``tokens``, ``labels`` (-100 on prompts and row padding), ``positions``
-    (restarting at 0 per example) and ``segment_ids`` (0.. per example, -1 on row padding).
-    The iterator's position is checkpointable with ``grain.checkpoint``.
+    Every host packs the same global batch, so the data a run sees does not depend on how many
+    hosts it is split over. Each batch holds ``tokens``, ``labels`` (-100 on prompts and row
+    padding), ``positions`` (restarting at 0 per example) and ``segment_ids`` (0.. per example,
+    -1 on row padding). The iterator's position is checkpointable with ``grain.checkpoint``.
     """
-    dataset = grain.MapDataset.source(examples)[process_index::process_count]
-    dataset = dataset.seed(seed).shuffle().repeat()
+    if rows % process_count:
+        raise ValueError(f"rows ({rows}) must be divisible by the process count ({process_count})")
+    share = rows // process_count
+    lo = process_index * share
+    dataset = grain.MapDataset.source(examples).seed(seed).shuffle().repeat()
     packed = grain.experimental.FirstFitPackIterDataset(
         dataset.to_iter_dataset(), length_struct={"tokens": seq_len, "labels": seq_len},
         num_packing_bins=packing_bins)
@@ -182,4 +187,5 @@ def packed_batches(examples: list[dict[str, np.ndarray]], *, seq_len: int, rows:
                 "positions": row["tokens_positions"].astype(np.int32),
                 "segment_ids": segment}
 
-    return packed.map(to_canvas_fields).batch(rows, drop_remainder=True)
+    return (packed.map(to_canvas_fields).batch(rows, drop_remainder=True)
+            .map(lambda batch: {k: v[lo:lo + share] for k, v in batch.items()}))

@@ -9,6 +9,7 @@ math-verify's gold slot.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import logging
 import multiprocessing
@@ -43,6 +44,13 @@ def _start_pool() -> concurrent.futures.ProcessPoolExecutor:
                                                   mp_context=multiprocessing.get_context("spawn"))
     pool.submit(_import_math_verify).result(timeout=STARTUP_TIMEOUT_S)
     return pool
+
+
+@atexit.register
+def _shutdown_pool() -> None:
+    """Stops the worker before the interpreter tears down the modules it needs."""
+    if _pool is not None:
+        _pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_with_timeout(fn: Callable[..., Any], *args: Any, timeout: float) -> tuple[bool, Any]:
