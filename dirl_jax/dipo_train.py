@@ -34,19 +34,13 @@ from dirl_jax.data.tokenizer import load_tokenizer, stop_token_ids
 from dirl_jax.evaluate_builtin import evaluate_builtin
 from dirl_jax.metrics import MetricsWriter, write_json_atomic
 from dirl_jax.model import load_model, save_model
-from dirl_jax.model.hf_io import resolve_dtype
+from dirl_jax.model.hf_io import resolve_dtype, run_export_dir
 from dirl_jax.optim import learning_rate_schedule, make_optimizer
 from dirl_jax.rewards import Response, grade, weighted_rewards
 from dirl_jax.rollout.engine import RolloutEngine, make_engine
 from dirl_jax.rollout.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
-
-
-def _model_dir(init_from: str) -> str:
-    """An SFT run directory stands for its HF export."""
-    export = os.path.join(init_from, "export")
-    return export if os.path.isfile(os.path.join(export, "config.json")) else init_from
 
 
 def build_prompts(config: ConfigDict, tokenizer) -> tuple[list[list[int]], list[str], list[dict]]:
@@ -236,7 +230,7 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     if jax.process_count() > 1:
         raise NotImplementedError("DiPO runs in one process for now (its rollouts are not yet gathered "
                                   "across hosts); SFT and evaluation scale over hosts")
-    model_dir = _model_dir(config.init_from)
+    model_dir = run_export_dir(config.init_from)
     tokenizer = load_tokenizer(config.tokenizer or model_dir)
     t, r = config.train, config.rollout
     model, model_config = load_model(model_dir, resolve_dtype(t.compute_dtype),

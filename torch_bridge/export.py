@@ -45,11 +45,10 @@ from ml_collections import ConfigDict
 
 from dirl_jax import train as train_lib
 from dirl_jax.checkpoint import checkpoint_steps, restore_params
-from dirl_jax.evaluation.runner import model_dir as run_export_dir
 from dirl_jax.metrics import write_json_atomic
 from dirl_jax.model import (CheckpointError, ConfigError, SDARConfig, SDARForCausalLM,
                             abstract_model, load_model, save_model)
-from dirl_jax.model.hf_io import atomic_directory, resolve_dtype, resolve_model_dir
+from dirl_jax.model.hf_io import atomic_directory, resolve_dtype, resolve_model_dir, run_export_dir
 from torch_bridge import configuration_sdar
 
 EXPORT_DTYPES = ("bfloat16", "float32")

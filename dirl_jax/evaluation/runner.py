@@ -24,17 +24,11 @@ from dirl_jax.evaluation import records as records_lib
 from dirl_jax.evaluation.benchmarks import Question, grade_answer, load_benchmark
 from dirl_jax.evaluation.report import summarize, write_report
 from dirl_jax.model import load_model
-from dirl_jax.model.hf_io import resolve_dtype
+from dirl_jax.model.hf_io import resolve_dtype, run_export_dir
 from dirl_jax.rollout.engine import make_engine
 from dirl_jax.rollout.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
-
-
-def model_dir(path: str) -> str:
-    """A training run directory stands for its HF export."""
-    export = os.path.join(path, "export")
-    return export if os.path.isfile(os.path.join(export, "config.json")) else path
 
 
 def sample_seed(benchmark: str, question_id: str, sample: int) -> int:
@@ -69,7 +63,7 @@ def run_evaluation(config: ConfigDict) -> dict[str, dict[str, Any]]:
     """Evaluates ``config.model`` on ``config.benchmarks``; writes records, summary.json / .md /
     .png to ``config.output_dir`` and returns the summary."""
     validate_eval(config)
-    path = model_dir(config.model)
+    path = run_export_dir(config.model)
     tokenizer = load_tokenizer(config.tokenizer or path)
     model, model_config = load_model(path, resolve_dtype(config.compute_dtype))
     sampling = sampling_config(config, tokenizer, model_config.block_size, model_config.mask_token_id)

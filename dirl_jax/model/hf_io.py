@@ -76,6 +76,14 @@ def parameter_shapes(model: SDARForCausalLM) -> dict[str, tuple[int, ...]]:
 
 
 # ------------------------------------------------------------------------------- loading
+def run_export_dir(path: str | os.PathLike) -> str:
+    """A training run directory stands for its HF export (``<run>/export``); anything else is
+    returned as is."""
+    path = os.fspath(path)
+    export = os.path.join(path, "export")
+    return export if os.path.isfile(os.path.join(export, "config.json")) else path
+
+
 def resolve_model_dir(path: str | os.PathLike) -> str:
     """A local directory as is; otherwise a hub id, downloaded (config, weights, tokenizer)."""
     path = os.fspath(path)
