@@ -18,6 +18,7 @@ def get_config() -> ConfigDict:
     config.run_dir = "runs/dipo_sdar8b"
     config.init_from = "runs/sft_sdar8b"
     config.model.remat = True
+    config.mesh.update(data=0, fsdp=8, tensor=1)  # one 8-GPU node: parameters and moments over 8
     config.data.source = "data/bigmath_train.jsonl"
     config.rollout.update(prompts_per_step=128, group_size=32, strategy="low_confidence_dynamic",
                           threshold=0.9, max_new_tokens=8192, temperature=1.0, oversample=3,
@@ -26,7 +27,7 @@ def get_config() -> ConfigDict:
                         weight_decay=0.0, max_grad_norm=1.0, compute_dtype="bfloat16",
                         param_dtype="float32", ppo_iterations=1, old_logprobs="trainer",
                         loss_aggregation="token_mean", kl_beta=0.0, dynamic_sampling=True,
-                        max_sampling_rounds=4, canvas_rows=1, row_length=43008,
+                        max_sampling_rounds=4, canvas_rows=8, row_length=43008,
                         logprob_chunk=2048, max_log_ratio=1.0)
     config.checkpoint.update(every_steps=10, keep=2)
     config.eval.num_examples = 0              # benchmarks: `python -m dirl_jax.evaluate`

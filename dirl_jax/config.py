@@ -103,6 +103,7 @@ def dipo_defaults() -> ConfigDict:
     config.init_from = ""                 # an SFT run directory (its export/) or a HF directory / hub id
     config.tokenizer = ""                 # default: the tokenizer next to init_from's weights
     config.model = ConfigDict(dict(attention_impl="auto", remat=False))
+    config.mesh = ConfigDict(dict(data=0, fsdp=1, tensor=1))  # this host's devices (see sft_defaults)
     config.data = ConfigDict(dict(
         source="builtin:arithmetic",      # question/ground_truth_answer .jsonl/.json/.parquet, HF name, builtin
         split="train", prompt_template="",  # "" = DiRL's rollout prompt (builtin: the SFT chat format)

@@ -25,6 +25,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from dirl_jax import dipo
+from dirl_jax import mesh as mesh_lib
 from dirl_jax.checkpoint import start_or_resume
 from dirl_jax.config import check_canvas_fits, validate_dipo
 from dirl_jax.data import rl as rl_data
@@ -34,7 +35,8 @@ from dirl_jax.data.tokenizer import load_tokenizer, stop_token_ids
 from dirl_jax.evaluate_builtin import evaluate_builtin
 from dirl_jax.metrics import MetricsWriter, write_json_atomic
 from dirl_jax.model import load_model, save_model
-from dirl_jax.model.hf_io import resolve_dtype, run_export_dir
+from dirl_jax.model import SDARConfig
+from dirl_jax.model.hf_io import resolve_dtype, resolve_model_dir, run_export_dir
 from dirl_jax.optim import learning_rate_schedule, make_optimizer
 from dirl_jax.rewards import Response, grade, weighted_rewards
 from dirl_jax.rollout.engine import RolloutEngine, make_engine
@@ -77,7 +79,9 @@ class Updater:
     weights are normalised over the whole rollout batch), one AdamW step per PPO iteration, and
     log-prob scoring for the frozen reference and trainer-side old log-probs."""
 
-    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ConfigDict):
+    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ConfigDict,
+                 mesh: jax.sharding.Mesh):
+        self.mesh = mesh
         t = config.train
         self.loss_cfg = dipo.LossConfig(eps_low=t.eps_low, eps_high=t.eps_high,
                                         log_ratio_clamp=t.log_ratio_clamp, beta=t.kl_beta)
@@ -108,16 +112,29 @@ class Updater:
         def score(params, batch):
             return dipo.score_tokens(nnx.merge(graphdef, params), batch, **score_kwargs)[0]
 
-        self._gradients, self._accumulate, self._apply, self.score = gradients, accumulate, apply, score
+        self._gradients, self._accumulate, self._apply, self._score = gradients, accumulate, apply, score
+
+    def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A host micro-batch on the mesh: canvas rows over ``data x fsdp``, scored tokens
+        replicated (they index the rows)."""
+        rows = {k: v for k, v in batch.items() if v.ndim == 2}
+        placed = mesh_lib.global_batch(rows, self.mesh, row_axis=0)
+        replicated = mesh_lib.replicated(self.mesh)
+        return {**placed, **{k: jax.device_put(v, replicated) for k, v in batch.items() if v.ndim == 1}}
+
+    def score(self, params, batch: dict[str, jax.Array]) -> jax.Array:
+        with jax.set_mesh(self.mesh):
+            return self._score(params, batch)
 
     def step(self, params, opt_state, micro_batches: list[dict[str, jax.Array]], step: int):
         """One optimizer update over every micro-batch of the rollout batch."""
         total, per_batch = None, []
-        for batch in micro_batches:
-            grads, stats = self._gradients(params, batch)
-            total = grads if total is None else self._accumulate(total, grads)
-            per_batch.append({k: float(v) for k, v in jax.device_get(stats).items()})
-        params, opt_state, stats = self._apply(params, opt_state, total, step)
+        with jax.set_mesh(self.mesh):  # Pallas attention kernels then run per device
+            for batch in micro_batches:
+                grads, stats = self._gradients(params, batch)
+                total = grads if total is None else self._accumulate(total, grads)
+                per_batch.append({k: float(v) for k, v in jax.device_get(stats).items()})
+            params, opt_state, stats = self._apply(params, opt_state, total, step)
         stats = {**dipo.reduce_stats(per_batch), "loss": sum(s["loss"] for s in per_batch),
                  **{k: float(v) for k, v in jax.device_get(stats).items()}}
         return params, opt_state, stats
@@ -171,8 +188,9 @@ def collect_groups(engine: RolloutEngine, stream, prompts: list[list[int]], answ
 
 
 def pack_groups(groups: list[dict[str, Any]], model_config, config: ConfigDict
-                ) -> tuple[list[dict[str, jax.Array]], dict[str, float]]:
-    """The kept groups as single-pass canvas micro-batches (sampler log-probs as the old policy)."""
+                ) -> tuple[list[dict[str, np.ndarray]], dict[str, float]]:
+    """The kept groups as host micro-batches of the single-pass canvas (sampler log-probs as the
+    old policy)."""
     trajectories = [dipo.Trajectory(g["prompt"], res["token_ids"], res["step_map"], res["length"],
                                     float(a))
                     for g in groups for res, a in zip(g["results"], g["advantages"])]
@@ -189,7 +207,7 @@ def pack_groups(groups: list[dict[str, Any]], model_config, config: ConfigDict
                                  aggregation=t.loss_aggregation)
     stats = {"canvas_rows": packed.canvas.shape[0], "micro_batches": len(batches),
              "canvas_tokens_per_trajectory": float(np.mean(packed.tokens_per_trajectory))}
-    return [{k: jnp.asarray(v) for k, v in b.items()} for b in batches], stats
+    return batches, stats
 
 
 def check_log_ratio(value: float, limit: float, step: int) -> None:
@@ -206,6 +224,7 @@ def train_on_groups(updater: Updater, params, opt_state, reference, groups, mode
     then runs ``train.ppo_iterations`` updates; returns the new state and the step's metrics."""
     t = config.train
     batches, row = pack_groups(groups, model_config, config)
+    batches = [updater.place(b) for b in batches]
     if reference is not None:
         batches = [{**b, "ref_logp": updater.score(reference, b)} for b in batches]
     if t.old_logprobs == "trainer":
@@ -233,9 +252,13 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     model_dir = run_export_dir(config.init_from)
     tokenizer = load_tokenizer(config.tokenizer or model_dir)
     t, r = config.train, config.rollout
-    model, model_config = load_model(model_dir, resolve_dtype(t.compute_dtype),
-                                     param_dtype=resolve_dtype(t.param_dtype), remat=config.model.remat)
+    model_config = SDARConfig.from_pretrained(resolve_model_dir(model_dir))
     check_canvas_fits(config, model_config.block_size)
+    shape = mesh_lib.mesh_shape(config.mesh, jax.device_count())
+    mesh_lib.check_mesh_fits(shape, model_config, t.canvas_rows, rows_field="train.canvas_rows")
+    mesh = mesh_lib.make_mesh(shape)
+    model, _ = load_model(model_dir, resolve_dtype(t.compute_dtype), mesh=mesh,
+                          param_dtype=resolve_dtype(t.param_dtype), remat=config.model.remat)
     prompts, answers, held_out = build_prompts(config, tokenizer)
 
     run_dir = os.path.abspath(config.run_dir)
@@ -259,10 +282,10 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     # the frozen k3 reference is the policy DiPO starts from (init_from, also on resume)
     reference = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param)) if t.kl_beta > 0 else None
     graphdef, params, opt_state, checkpointer, start = start_or_resume(
-        model, tx, run_dir, config.checkpoint, stream)
+        model, tx, run_dir, config.checkpoint, stream, mesh=mesh)
     if start:
         engine.update_weights(params)
-    updater = Updater(graphdef, tx, config)
+    updater = Updater(graphdef, tx, config, mesh)
     writer = MetricsWriter(run_dir, resume_step=start, total_steps=t.num_steps,
                            enabled=jax.process_index() == 0)
 

@@ -38,10 +38,11 @@ def mesh_shape(mesh_config: ConfigDict, device_count: int) -> tuple[int, int, in
     return data, fsdp, tensor
 
 
-def check_mesh_fits(shape: tuple[int, int, int], model_config: SDARConfig, rows_per_micro_batch: int
-                    ) -> None:
+def check_mesh_fits(shape: tuple[int, int, int], model_config: SDARConfig, rows_per_micro_batch: int,
+                    rows_field: str = "train.global_batch") -> None:
     """Every sharded dimension divides evenly: heads, KV heads, MLP and vocabulary by ``tensor``,
-    the hidden size by ``fsdp``, the rows of a micro-batch by ``data x fsdp``."""
+    the hidden size by ``fsdp``, the rows of a micro-batch (config field ``rows_field``) by
+    ``data x fsdp``."""
     data, fsdp, tensor = shape
     c = model_config
     for field, size in (("num_attention_heads", c.num_attention_heads),
@@ -50,9 +51,9 @@ def check_mesh_fits(shape: tuple[int, int, int], model_config: SDARConfig, rows_
         check(size % tensor == 0, "mesh.tensor", f"({tensor}) must divide the model's {field} ({size})")
     check(c.hidden_size % fsdp == 0, "mesh.fsdp",
           f"({fsdp}) must divide the model's hidden_size ({c.hidden_size})")
-    check(rows_per_micro_batch % (data * fsdp) == 0, "train.global_batch",
-          f"a micro-batch of {rows_per_micro_batch} rows (global_batch / grad_accum) must be "
-          f"divisible by mesh.data x mesh.fsdp = {data * fsdp}")
+    check(rows_per_micro_batch % (data * fsdp) == 0, rows_field,
+          f"a micro-batch of {rows_per_micro_batch} rows must be divisible by "
+          f"mesh.data x mesh.fsdp = {data * fsdp}")
 
 
 def make_mesh(shape: tuple[int, int, int], devices: Any = None) -> jax.sharding.Mesh:

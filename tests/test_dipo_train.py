@@ -20,7 +20,7 @@ def tiny_run_config(tmp_path, seed):
     run.seed = seed
     run.data.update(builtin_train_size=200, builtin_eval_size=8)
     run.rollout.update(prompts_per_step=2, group_size=3, max_new_tokens=8)
-    run.train.update(num_steps=2, canvas_rows=4, row_length=256, dynamic_sampling=False,
+    run.train.update(num_steps=2, canvas_rows=8, row_length=256, dynamic_sampling=False,
                      learning_rate=1e-3)
     run.rewards.names = ("accuracy", "boxed")
     run.checkpoint.every_steps = 1
@@ -51,15 +51,29 @@ def test_reference_kl_trainer_old_logprobs_micro_batches_and_ppo_iterations(tmp_
     monkeypatch.setitem(registry.REWARDS, "text_sum", lambda r: sum(map(ord, r.text)) % 97 / 97)
     config = tiny_run_config(tmp_path, seed)
     config.rewards.names = ("text_sum",)
+    config.rollout.group_size = 5  # 10 trajectories, one per 128-slot row: two micro-batches of 8 rows
     config.train.update(num_steps=1, kl_beta=0.1, old_logprobs="trainer", ppo_iterations=2,
-                        loss_aggregation="sequence_mean", canvas_rows=1, row_length=128)
+                        loss_aggregation="sequence_mean", canvas_rows=8, row_length=128)
     config.eval.num_examples = 0
     run_dipo(config)
     (row,) = [json.loads(line) for line in (tmp_path / "dipo" / "metrics.jsonl").read_text().splitlines()]
-    assert row["micro_batches"] == row["canvas_rows"] > 1
+    assert row["micro_batches"] == 2 and row["canvas_rows"] == 10
     assert row["log_ratio_abs_max"] < 1e-4  # the trainer's old log-probs equal the sampler's
     assert row["last_log_ratio_abs_max"] > 1e-6 and row["kl"] > 0  # iteration 2 saw the update
     assert 0 <= row["clip_fraction"] <= 1
+
+
+def test_an_update_on_a_sharded_mesh_equals_the_data_parallel_one(tmp_path, seed):
+    rows = []
+    for name, mesh in (("data", dict(data=0, fsdp=1, tensor=1)), ("sharded", dict(data=0, fsdp=2, tensor=2))):
+        config = tiny_run_config(tmp_path / name, seed)
+        config.train.num_steps = 1
+        config.eval.num_examples = 0
+        config.mesh.update(**mesh)
+        run_dipo(config)
+        rows.append(json.loads((tmp_path / name / "dipo" / "metrics.jsonl").read_text()))
+    for field in ("loss", "grad_norm", "log_ratio_abs_max", "entropy"):
+        assert rows[0][field] == pytest.approx(rows[1][field], rel=1e-4, abs=1e-6), field
 
 
 def test_bad_dipo_config_names_the_field(tmp_path):
@@ -96,6 +110,7 @@ def test_paper_rl_recipe_validates_and_traces_abstractly(shared_dir):
     import jax.numpy as jnp
     from flax import nnx
 
+    from dirl_jax.mesh import make_mesh
     from dirl_jax.model import SDARConfig, abstract_model
     from dirl_jax.optim import make_optimizer
     config = load_config_file("dipo_sdar8b")
@@ -109,7 +124,7 @@ def test_paper_rl_recipe_validates_and_traces_abstractly(shared_dir):
     check_canvas_fits(config, model_config.block_size)
     model = abstract_model(model_config, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=True)
     graphdef, params = nnx.split(model, nnx.Param)
-    updater = Updater(graphdef, make_optimizer(t), config)
+    updater = Updater(graphdef, make_optimizer(t), config, make_mesh((1, 1, 1), jax.devices()[:1]))
     rows, length = t.canvas_rows, t.row_length
     canvas = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32)
               for k in ("tokens", "positions", "stream_ids", "block_ids", "segment_ids")}
