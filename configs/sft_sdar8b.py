@@ -20,7 +20,8 @@ def get_config() -> ConfigDict:
     config.data.update(source="data/glm_openr1math.jsonl", max_length=8192, overlong="drop")
     config.diffusion.update(block_size=4, eps=1e-3, loss_chunk=2048)
     # docs/SCALING.md (scripts/plan_mesh.py): on 8 x H100 a 2 x 4 x 1 mesh fits 2 rows per device,
-    # 512 = 2 rows x 8 devices x 32 micro-batches; on a v5p-128 slice data = 16 (auto) x fsdp 4
+    # 512 = 2 rows x 8 devices x 32 micro-batches; on a v5p-128 slice (64 chips) data = 16 (auto)
+    # x fsdp 4 with --config.train.grad_accum=4
     config.mesh.update(data=0, fsdp=4, tensor=1)
     config.train.update(num_steps=100, global_batch=512, grad_accum=32, learning_rate=1e-5,
                         warmup_steps=3, schedule="cosine", min_lr_ratio=0.0, weight_decay=0.0,

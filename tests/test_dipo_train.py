@@ -122,6 +122,8 @@ def test_paper_rl_recipe_validates_and_traces_abstractly(shared_dir):
     model_config = SDARConfig.from_pretrained(shared_dir / "data" / "sdar_tokenizer")
     assert model_config.block_size == 4
     check_canvas_fits(config, model_config.block_size)
+    from dirl_jax.mesh import check_mesh_fits, mesh_shape
+    check_mesh_fits(mesh_shape(config.mesh, 8), model_config, t.canvas_rows)  # one 8-GPU node
     model = abstract_model(model_config, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=True)
     graphdef, params = nnx.split(model, nnx.Param)
     updater = Updater(graphdef, make_optimizer(t), config, make_mesh((1, 1, 1), jax.devices()[:1]))

@@ -87,3 +87,19 @@ def test_bad_eval_config_names_the_field(tiny_model_dir, tmp_path):
         run_evaluation(small_config(tiny_model_dir, tmp_path, benchmarks="math5000"))
     with pytest.raises(ConfigValueError, match="config.decoding: must be one of"):
         run_evaluation(small_config(tiny_model_dir, tmp_path, decoding="fast"))
+
+
+def test_paper_evaluation_config_validates():
+    import importlib.util
+
+    from dirl_jax.config import eval_decoding, validate_eval
+    spec = importlib.util.spec_from_file_location("eval_sdar8b", REPO / "configs" / "eval_sdar8b.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    validate_eval(config)
+    assert config.samples_per_question == 16 and config.max_new_tokens == 8192
+    assert eval_decoding(config) == {"strategy": "low_confidence_dynamic", "steps": 0, "threshold": 0.9,
+                                     "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                                     "min_new_tokens": 128}
+    assert set(config.benchmarks.split(",")) == {"math500", "gsm8k", "aime24", "aime25", "olympiadbench"}

@@ -232,6 +232,9 @@ def test_paper_recipe_validates_and_builds_abstractly(shared_dir):
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     assert 8.1e9 < n_params < 8.3e9
     train_lib.check_model_block_size(config, model_config.block_size)
+    for devices, accum in ((8, 32), (64, 4)):  # one 8-GPU node; a v5p-128 slice (docs/SCALING.md)
+        shape = mesh_lib.mesh_shape(config.mesh, devices)
+        mesh_lib.check_mesh_fits(shape, model_config, config.train.global_batch // accum)
 
 
 def test_embedded_default_config_validates():
