@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 import jax
 from absl import flags
+from jax.experimental import multihost_utils
 
 COORDINATOR_ENV = "DIRL_COORDINATOR"
 NUM_PROCESSES_ENV = "DIRL_NUM_PROCESSES"
@@ -233,6 +234,9 @@ def _start(info: DistributedInfo, local_device_ids: Sequence[int] | None) -> Dis
         jax.distributed.initialize(info.coordinator, info.num_processes, info.process_id,
                                    local_device_ids=local_device_ids,
                                    cluster_detection_method="deactivate")
+        # one collective while every process is at the same point: on CPU this creates the gloo
+        # context, whose rendezvous times out after 30 s if one process is still compiling
+        multihost_utils.sync_global_devices("dirl_jax.distributed: every process joined")
     return info
 
 
