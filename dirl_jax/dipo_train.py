@@ -130,13 +130,15 @@ class Updater:
         """One optimizer update over every micro-batch of the rollout batch."""
         total, per_batch = None, []
         with jax.set_mesh(self.mesh):  # Pallas attention kernels then run per device
-            for batch in micro_batches:
+            for batch in micro_batches:  # no host sync inside: statistics are fetched once
                 grads, stats = self._gradients(params, batch)
                 total = grads if total is None else self._accumulate(total, grads)
-                per_batch.append({k: float(v) for k, v in jax.device_get(stats).items()})
+                per_batch.append(stats)
             params, opt_state, stats = self._apply(params, opt_state, total, step)
+        per_batch, stats = jax.device_get((per_batch, stats))
+        per_batch = [{k: float(v) for k, v in s.items()} for s in per_batch]
         stats = {**dipo.reduce_stats(per_batch), "loss": sum(s["loss"] for s in per_batch),
-                 **{k: float(v) for k, v in jax.device_get(stats).items()}}
+                 **{k: float(v) for k, v in stats.items()}}
         return params, opt_state, stats
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from dirl_jax.data.tokenizer import load_tokenizer
-from dirl_jax.rollout.sampler import SamplingConfig
+from dirl_jax.rollout.sampler import SamplingConfig, response_stats
 from dirl_jax.rollout.unmasking import STRATEGIES
 
 logger = logging.getLogger(__name__)
@@ -156,16 +156,12 @@ def response_result(token_ids: list[int], step_map: list[int], prompt_length: in
     forward between blocks, and one more prefill forward when the prompt fills whole blocks;
     chunked prefill of long prompts is not counted.
     """
-    stops = np.flatnonzero(np.isin(token_ids, list(stop_ids)))
-    num_steps = max(step_map)
+    stats = response_stats(token_ids, step_map, stop_ids)
     num_blocks = (prompt_length + len(token_ids)) // block_size - prompt_length // block_size
     return {
-        "token_ids": token_ids, "step_map": step_map, "logprobs": None,
-        "length": int(stops[0]) + 1 if len(stops) else len(token_ids),
-        "finish_reason": "stop" if len(stops) else "length",
-        "num_steps": num_steps,
-        "num_forwards": num_steps + num_blocks - 1 + int(prompt_length % block_size == 0),
-        "tokens_per_step": len(token_ids) / num_steps,
+        "token_ids": token_ids, "step_map": step_map, "logprobs": None, **stats,
+        "finish_reason": "stop" if set(token_ids) & set(stop_ids) else "length",
+        "num_forwards": stats["num_steps"] + num_blocks - 1 + int(prompt_length % block_size == 0),
     }
 
 

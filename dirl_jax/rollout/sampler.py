@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -288,22 +288,28 @@ def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: Sampli
         jax.random.key(seed), jnp.asarray(row_seeds, jnp.int32))
     out = jax.device_get(_decode_jit(graphdef, params, jnp.asarray(padded), jnp.asarray(lengths),
                                      row_keys, cfg, on_block, mesh))
-    stops = np.asarray(cfg.stop_ids, np.int32)
+    stops = cfg.stop_ids
     results = []
     for i, length in enumerate(lengths[:count]):
         span = slice(int(length), int(out["end"][i]))
         token_ids, step_map = out["tokens"][i, span], out["step_map"][i, span]
-        stop_at = np.flatnonzero(np.isin(token_ids, stops))
-        num_steps = int(step_map.max(initial=0))
         results.append({
             "token_ids": token_ids.tolist(), "step_map": step_map.tolist(),
             "logprobs": out["logprobs"][i, span].tolist(),
-            "length": int(stop_at[0]) + 1 if len(stop_at) else len(token_ids),
             "finish_reason": FINISH_REASONS[int(out["finish"][i])],
-            "num_steps": num_steps, "num_forwards": int(out["forwards"][i]),
-            "tokens_per_step": len(token_ids) / max(1, num_steps),
+            "num_forwards": int(out["forwards"][i]), **response_stats(token_ids, step_map, stops),
         })
     return results
+
+
+def response_stats(token_ids: Sequence[int], step_map: Sequence[int], stop_ids: Sequence[int]
+                   ) -> dict[str, Any]:
+    """``length`` (tokens up to and including the first stop id, else all), ``num_steps`` (the
+    denoising steps that committed tokens) and ``tokens_per_step`` of one response."""
+    stop_at = np.flatnonzero(np.isin(np.asarray(token_ids), np.asarray(stop_ids, np.int64)))
+    num_steps = int(np.max(step_map, initial=0))
+    return {"length": int(stop_at[0]) + 1 if len(stop_at) else len(token_ids),
+            "num_steps": num_steps, "tokens_per_step": len(token_ids) / max(1, num_steps)}
 
 
 def generate(model: SDARForCausalLM, prompts: Sequence[Sequence[int]], *,
