@@ -6,7 +6,7 @@ from ml_collections import ConfigDict, config_dict
 
 from dirl_jax.attention import IMPLEMENTATIONS
 from dirl_jax.dipo import AGGREGATIONS, worst_case_canvas_tokens
-from dirl_jax.rollout.engine import ENGINE_ALIASES
+from dirl_jax.rollout.engine_names import engine_spec_problem
 from dirl_jax.rollout.unmasking import STRATEGIES as UNMASKING_STRATEGIES
 
 SCHEDULES = ("cosine", "constant")
@@ -161,8 +161,7 @@ def validate_dipo(config: ConfigDict) -> None:
           f"must be one of {AGGREGATIONS}, got {t.loss_aggregation!r}")
     check(t.old_logprobs in ("sampler", "trainer"), "train.old_logprobs",
           f"must be 'sampler' or 'trainer', got {t.old_logprobs!r}")
-    check(r.engine in ("jax", *ENGINE_ALIASES) or ":" in r.engine, "rollout.engine",
-          f"must be 'jax', one of {tuple(ENGINE_ALIASES)} or 'module:Class', got {r.engine!r}")
+    check(engine_spec_problem(r.engine) is None, "rollout.engine", engine_spec_problem(r.engine))
     check(r.engine == "jax" or t.old_logprobs == "trainer", "train.old_logprobs",
           "must be 'trainer' with an external rollout engine (LMDeploy returns no dLLM log-probs)")
     check(t.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {t.kl_beta}")
@@ -255,8 +254,7 @@ def validate_eval(config: ConfigDict) -> None:
     check(config.samples_per_question > 0, "samples_per_question", "must be positive")
     check(config.max_new_tokens > 0, "max_new_tokens", "must be positive")
     check(config.batch_size > 0, "batch_size", "must be positive")
-    check(config.engine in ("jax", *ENGINE_ALIASES) or ":" in config.engine, "engine",
-          f"must be 'jax', one of {tuple(ENGINE_ALIASES)} or 'module:Class', got {config.engine!r}")
+    check(engine_spec_problem(config.engine) is None, "engine", engine_spec_problem(config.engine))
     check(config.compute_dtype in DTYPES, "compute_dtype",
           f"must be one of {DTYPES}, got {config.compute_dtype!r}")
     check(config.attention_impl in IMPLEMENTATIONS, "attention_impl",

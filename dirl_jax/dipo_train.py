@@ -24,15 +24,15 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from dirl_jax import dipo
+from dirl_jax import dipo, distributed
 from dirl_jax import mesh as mesh_lib
 from dirl_jax.checkpoint import start_or_resume
-from dirl_jax.config import check_canvas_fits, validate_dipo
+from dirl_jax.config import check, check_canvas_fits, validate_dipo
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data import sft as sft_data
 from dirl_jax.data import toy
 from dirl_jax.data.tokenizer import load_tokenizer, stop_token_ids
-from dirl_jax.evaluate_builtin import evaluate_builtin
+from dirl_jax.evaluate_builtin import builtin_eval_runs, evaluate_builtin
 from dirl_jax.metrics import MetricsWriter, write_json_atomic
 from dirl_jax.model import load_model, save_model
 from dirl_jax.model import SDARConfig
@@ -115,12 +115,11 @@ class Updater:
         self._gradients, self._accumulate, self._apply, self._score = gradients, accumulate, apply, score
 
     def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """A host micro-batch on the mesh: canvas rows over ``data x fsdp``, scored tokens
-        replicated (they index the rows)."""
-        rows = {k: v for k, v in batch.items() if v.ndim == 2}
-        placed = mesh_lib.global_batch(rows, self.mesh, row_axis=0)
-        replicated = mesh_lib.replicated(self.mesh)
-        return {**placed, **{k: jax.device_put(v, replicated) for k, v in batch.items() if v.ndim == 1}}
+        """A micro-batch (the same on every host) on the mesh: canvas rows over
+        ``data x fsdp``, scored tokens replicated (they index the rows)."""
+        return {k: mesh_lib.from_host_copy(v, mesh_lib.batch_sharding(self.mesh, 2, 0) if v.ndim == 2
+                                           else mesh_lib.replicated(self.mesh))
+                for k, v in batch.items()}
 
     def score(self, params, batch: dict[str, jax.Array]) -> jax.Array:
         with jax.set_mesh(self.mesh):
@@ -142,34 +141,54 @@ class Updater:
         return params, opt_state, stats
 
 
+def generate_and_grade(engine: RolloutEngine, prompts: list[list[int]], answers: list[str],
+                       tokenizer, sampling: SamplingConfig, config: ConfigDict, seed: int
+                       ) -> tuple[list[dict[str, Any]], list[Response], dict[str, float]]:
+    """Samples and grades one response per prompt. Each host decodes and grades its share of the
+    rows (row ``i`` on host ``i % process_count``, sampled with row seed ``i``, so the result does
+    not depend on the number of hosts); every host gets every row back, in order, and its own
+    decoding and grading times."""
+    rank, count = jax.process_index(), jax.process_count()
+    mine = list(range(rank, len(prompts), count))
+    start = time.time()
+    results = engine.generate([prompts[i] for i in mine], sampling, seed=seed,
+                              row_seeds=mine) if mine else []
+    times = {"rollout_s": time.time() - start}
+    start = time.time()
+    stop_ids = set(sampling.stop_ids)
+    graded = []
+    for i, result in zip(mine, results):
+        text = tokenizer.decode(result["token_ids"][:result["length"]])
+        graded.append(Response(
+            text=text, correct=grade(text, answers[i], timeout=config.rewards.grade_timeout),
+            num_tokens=result["length"], max_tokens=config.rollout.max_new_tokens,
+            truncated=result["finish_reason"] == "length" and not stop_ids & set(result["token_ids"])))
+    times["reward_s"] = time.time() - start
+    merged: list[Any] = [None] * len(prompts)
+    for host, part in enumerate(distributed.allgather_objects(list(zip(results, graded)))):
+        merged[host::count] = part
+    return [m[0] for m in merged], [m[1] for m in merged], times
+
+
 def collect_groups(engine: RolloutEngine, stream, prompts: list[list[int]], answers: list[str],
                    tokenizer, sampling: SamplingConfig, config: ConfigDict, step: int
                    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Sampled, graded groups; with dynamic sampling only the informative ones (bounded refill)."""
+    """Sampled, graded groups; with dynamic sampling only the informative ones (bounded refill).
+    Every host makes the same decisions from the same gathered rollouts."""
     r, t = config.rollout, config.train
-    stop_ids = set(sampling.stop_ids)
     kept, stats = [], {"rollout_s": 0.0, "reward_s": 0.0, "generated_tokens": 0, "groups_sampled": 0}
     accuracy = []
     for sampling_round in range(t.max_sampling_rounds):
         indices = np.concatenate([next(stream) for _ in range(r.oversample)])
-        batch_prompts = [prompts[i] for i in indices for _ in range(r.group_size)]
-        start = time.time()
-        results = engine.generate(batch_prompts, sampling,
-                                  seed=(config.seed * 1_000_003 + step) * 31 + sampling_round)
-        stats["rollout_s"] += time.time() - start
-        start = time.time()
-        responses = []
-        for prompt_index, result in zip(np.repeat(indices, r.group_size), results):
-            text = tokenizer.decode(result["token_ids"][:result["length"]])
-            correct = grade(text, answers[prompt_index], timeout=config.rewards.grade_timeout)
-            responses.append(Response(text=text, correct=correct, num_tokens=result["length"],
-                                      max_tokens=r.max_new_tokens,
-                                      truncated=result["finish_reason"] == "length"
-                                      and not stop_ids & set(result["token_ids"])))
+        rows = np.repeat(indices, r.group_size)
+        results, responses, times = generate_and_grade(
+            engine, [prompts[i] for i in rows], [answers[i] for i in rows], tokenizer, sampling,
+            config, seed=(config.seed * 1_000_003 + step) * 31 + sampling_round)
+        for name, seconds in times.items():
+            stats[name] += seconds
         rewards = weighted_rewards(responses, list(config.rewards.names),
                                    list(config.rewards.weights) or None).reshape(-1, r.group_size)
         correct = np.array([x.correct for x in responses]).reshape(-1, r.group_size)
-        stats["reward_s"] += time.time() - start
         stats["generated_tokens"] += sum(len(x["token_ids"]) for x in results)
         stats["groups_sampled"] += len(indices)
         accuracy.append(correct.mean())
@@ -248,9 +267,9 @@ def train_on_groups(updater: Updater, params, opt_state, reference, groups, mode
 def run_dipo(config: ConfigDict) -> dict[str, Any]:
     """Runs (or resumes) DiPO as configured; returns the last held-out evaluation (if any)."""
     validate_dipo(config)
-    if jax.process_count() > 1:
-        raise NotImplementedError("DiPO runs in one process for now (its rollouts are not yet gathered "
-                                  "across hosts); SFT and evaluation scale over hosts")
+    check(jax.process_count() == 1 or config.rollout.engine == "jax", "rollout.engine",
+          f"a multi-host run decodes with the in-process engine ('jax'), got "
+          f"{config.rollout.engine!r}; serve LMDeploy to a one-host trainer")
     model_dir = run_export_dir(config.init_from)
     tokenizer = load_tokenizer(config.tokenizer or model_dir)
     t, r = config.train, config.rollout
@@ -277,9 +296,9 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     options.setdefault("model_dir", model_dir)
     engine = make_engine(r.engine, model, sampling, pad_token_id=tokenizer.pad_token_id or 0,
                          tokenizer=config.tokenizer or model_dir, options=options)
+    # the same global prompt order on every host (and so for any host count)
     stream = iter(rl_data.prompt_batches(len(prompts), prompts_per_step=r.prompts_per_step,
-                                         seed=config.seed, process_index=jax.process_index(),
-                                         process_count=jax.process_count()))
+                                         seed=config.seed))
     tx = make_optimizer(t)
     # the frozen k3 reference is the policy DiPO starts from (init_from, also on resume)
     reference = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param)) if t.kl_beta > 0 else None
@@ -291,8 +310,10 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     writer = MetricsWriter(run_dir, resume_step=start, total_steps=t.num_steps,
                            enabled=jax.process_index() == 0)
 
+    evaluates = builtin_eval_runs(held_out, config)
+
     def evaluate(step: int) -> dict[str, Any]:
-        if not held_out or config.eval.num_examples <= 0:
+        if not evaluates:
             return {}
         result = evaluate_builtin(nnx.merge(graphdef, params), model_config, tokenizer, held_out,
                                   config)

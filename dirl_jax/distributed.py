@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
+import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
@@ -250,3 +252,16 @@ def initialize_from_flags() -> DistributedInfo:
     """:func:`initialize` with the ``--coordinator --num_processes --process_id`` flags of the
     ``python -m dirl_jax.train`` / ``dirl_jax.evaluate`` command lines."""
     return initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+def allgather_objects(value: Any) -> list[Any]:
+    """Every process's ``value`` (picklable), in process order; ``[value]`` in a one-process run.
+    A collective: every process calls it at the same point."""
+    if jax.process_count() == 1:
+        return [value]
+    payload = np.frombuffer(pickle.dumps(value), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int64)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:payload.size] = payload
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [pickle.loads(gathered[i, :int(n)].tobytes()) for i, n in enumerate(sizes.reshape(-1))]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import jax
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -12,6 +14,20 @@ from dirl_jax.data import toy
 from dirl_jax.model import SDARConfig, SDARForCausalLM
 from dirl_jax.rewards import extract_last_boxed
 from dirl_jax.rollout.sampler import generate
+
+log = logging.getLogger(__name__)
+
+
+def builtin_eval_runs(records: list[dict[str, Any]], config: ConfigDict) -> bool:
+    """Whether the held-out evaluation runs: there are records, ``eval.num_examples > 0`` and the
+    run has one process (a multi-host run is told to evaluate its export instead)."""
+    if not records or config.eval.num_examples <= 0:
+        return False
+    if jax.process_count() > 1:
+        log.warning("the built-in held-out eval runs in single-process runs; evaluate the export "
+                    "with python -m dirl_jax.evaluate")
+        return False
+    return True
 
 
 def evaluate_builtin(model: SDARForCausalLM, model_config: SDARConfig, tokenizer,

@@ -81,6 +81,33 @@ def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, row_axis
             for k, v in local.items()}
 
 
+def from_host_copy(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host value that every process holds in full: each process places
+    the slices its own devices hold (no communication)."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _identity(tree: Any) -> Any:
+    return tree
+
+
+def local_replica(tree: Any, devices: Any) -> Any:
+    """Full copies of ``tree``'s arrays on each of ``devices`` (this host's), replicated over a
+    one-axis mesh of them. Arrays sharded across hosts are all-gathered on device first (a
+    collective: every process calls it); no host round trip."""
+    target = replicated(jax.sharding.Mesh(np.asarray(devices), ("data",)))
+    if not all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        tree = jax.jit(_identity, out_shardings=jax.tree.map(
+            lambda x: x.sharding if x.is_fully_addressable else replicated(x.sharding.mesh), tree))(tree)
+
+    def place(x: jax.Array) -> jax.Array:
+        if x.is_fully_addressable:
+            return jax.device_put(x, target)
+        shards = {shard.device: shard.data for shard in x.addressable_shards}
+        return jax.make_array_from_single_device_arrays(x.shape, target, [shards[d] for d in devices])
+    return jax.tree.map(place, tree)
+
+
 def sharded_model(create: Callable[[], nnx.Module], mesh: jax.sharding.Mesh,
                   rules=DEFAULT_RULES) -> nnx.Module:
     """``create()`` built directly in its sharding: the shapes come from ``nnx.eval_shape`` and

@@ -7,7 +7,6 @@ exact resume, metrics, final held-out evaluation and HF export. ``task = "dipo"`
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import time
 from typing import Any
@@ -27,13 +26,12 @@ from dirl_jax.config import check_model_block_size, validate
 from dirl_jax.data import sft as sft_data
 from dirl_jax.data import toy
 from dirl_jax.data.tokenizer import load_tokenizer
-from dirl_jax.evaluate_builtin import evaluate_builtin
+from dirl_jax.evaluate_builtin import builtin_eval_runs, evaluate_builtin
 from dirl_jax.metrics import MetricsWriter, write_json_atomic
 from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
 from dirl_jax.model.hf_io import resolve_dtype, resolve_model_dir
 from dirl_jax.optim import learning_rate_schedule, make_optimizer
 
-log = logging.getLogger(__name__)
 BUILTIN_TOKENIZER = "builtin:toy"
 BUILTIN_TASK = "builtin:arithmetic"
 
@@ -201,10 +199,7 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
     writer.close()
     model = nnx.merge(graphdef, params)
     result: dict[str, Any] = {}
-    if eval_records and config.eval.num_examples > 0 and jax.process_count() > 1:
-        log.warning("the built-in held-out eval runs in single-process runs; evaluate the export "
-                    "with python -m dirl_jax.evaluate")
-    elif eval_records and config.eval.num_examples > 0:
+    if builtin_eval_runs(eval_records, config):
         result = evaluate_builtin(model, model_config, tokenizer, eval_records, config)
         print(f"held-out accuracy {result['accuracy']:.3f} on {result['num_examples']} examples "
               f"({result['strategy']}, {result['tokens_per_step']:.2f} tokens/step)", flush=True)

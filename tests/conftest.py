@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
+import subprocess
+import sys
 
 # 8 CPU devices for the sharding tests; must be set before JAX initialises its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -19,6 +22,30 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("DIRL_SHARED_DIR", REPO.parent / "shared"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cli(args: list[str], run_dir: pathlib.Path, devices: int, processes: int = 1) -> list[dict]:
+    """``python -m dirl_jax.train ARGS`` as ``processes`` local processes of ``devices`` CPU
+    devices each (JAX's CPU collectives between them); the run's metrics.jsonl rows."""
+    import json
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "dirl_jax.train", *args,
+         *([f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"]
+           if processes > 1 else [])],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(processes)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def tiny_config(*, heads: int = 4, kv_heads: int = 2, head_dim: int = 8, hidden: int = 24,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import stat
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import free_port
 from dirl_jax import canvas, distributed, mesh_plan
 from dirl_jax.distributed import DistributedInfo, detect_environment, parse_slurm_nodelist, resolve
 from dirl_jax.model import SDARConfig, abstract_model, parameter_shapes
@@ -167,9 +167,7 @@ jax.distributed.shutdown()
 
 def test_two_processes_join_through_slurm_variables(tmp_path):
     """A real two-process CPU run whose layout comes only from SLURM variables."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     base = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
     base.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                 SLURM_JOB_ID="1", SLURM_NTASKS="2", SLURM_STEP_NODELIST="127.0.0.1",
@@ -309,3 +307,8 @@ def test_gpu_launch_dry_run_prints_the_srun_command(tmp_path):
                              env={k: v for k, v in env.items() if not k.startswith("SLURM")},
                              capture_output=True, text=True)
     assert outside.returncode == 2 and "not inside a SLURM allocation" in outside.stderr
+
+
+def test_allgather_objects_in_one_process_is_the_value_itself():
+    value = {"tokens": [1, 2, 3], "text": "x"}
+    assert distributed.allgather_objects(value) == [value]

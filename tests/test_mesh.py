@@ -5,18 +5,13 @@ resumes on another mesh."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO
+from conftest import train_cli
 from dirl_jax import mesh as mesh_lib
 from dirl_jax import train as train_lib
 from dirl_jax.config import ConfigValueError, sft_defaults
@@ -89,10 +84,20 @@ def test_invalid_meshes_are_refused_before_compiling(tmp_path, mesh, match):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_host_copies_and_local_replicas_hold_the_same_values(seed):
+    rng = np.random.default_rng(seed)
+    mesh = mesh_lib.make_mesh((2, 2, 2))
+    rows = rng.normal(size=(8, 5)).astype(np.float32)
+    placed = mesh_lib.from_host_copy(rows, mesh_lib.batch_sharding(mesh, 2, 0))
+    assert placed.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    np.testing.assert_array_equal(placed, rows)
+    weights = jax.device_put(rng.normal(size=(4, 6)).astype(np.float32),
+                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor")))
+    devices = jax.devices()[4:]
+    (replica,) = jax.tree.leaves(mesh_lib.local_replica({"w": weights}, devices))
+    assert set(replica.sharding.device_set) == set(devices) and replica.sharding.is_fully_replicated
+    for shard in replica.addressable_shards:
+        np.testing.assert_array_equal(shard.data, weights)
 
 
 def cli(run_dir, devices: int, *extra: str, processes: int = 1) -> list[dict]:
@@ -105,18 +110,7 @@ def cli(run_dir, devices: int, *extra: str, processes: int = 1) -> list[dict]:
               "--config.data.builtin_train_size=300", "--config.data.builtin_eval_size=0",
               "--config.model.num_hidden_layers=1", "--config.model.hidden_size=32",
               "--config.model.intermediate_size=64", *extra]
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    port = free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "dirl_jax.train", *common,
-         *([f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"]
-           if processes > 1 else [])],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(processes)]
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return train_cli(common, run_dir, devices, processes)
 
 
 @pytest.mark.slow

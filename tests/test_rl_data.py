@@ -53,8 +53,5 @@ def test_prompt_stream_covers_each_pass_and_resumes_exactly(seed):
     resumed = iter(prompt_batches(10, prompts_per_step=5, seed=seed))
     resumed.set_state(state)
     assert [next(resumed).tolist() for _ in range(3)] == ahead
-    other_host = np.concatenate([next(iter(prompt_batches(10, prompts_per_step=5, seed=seed,
-                                                          process_index=1, process_count=2)))])
-    assert set(other_host.tolist()) <= set(range(1, 10, 2))
     with pytest.raises(DataError, match="prompts_per_step is 20"):
         prompt_batches(10, prompts_per_step=20, seed=seed)

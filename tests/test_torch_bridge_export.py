@@ -10,7 +10,6 @@ import pathlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
 
-from conftest import REPO, random_model, tiny_config
+from conftest import REPO, free_port, random_model, tiny_config
 from dirl_jax import train as train_lib
 from dirl_jax.checkpoint import restore_params
 from dirl_jax.config import sft_defaults
@@ -268,12 +267,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 http.server.HTTPServer(("127.0.0.1", args.server_port), Handler).serve_forever()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_launch_script_passes_the_dllm_flags_lmdeploy_parses(run_dir, tmp_path):

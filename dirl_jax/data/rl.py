@@ -62,13 +62,12 @@ def render_prompt(question: str, template: str = DEFAULT_TEMPLATE) -> str:
     return template.replace("{question}", question)
 
 
-def prompt_batches(num_records: int, *, prompts_per_step: int, seed: int, process_index: int = 0,
-                   process_count: int = 1) -> grain.IterDataset:
-    """An endless stream of record-index batches ``int64[prompts_per_step]`` for this host:
-    every pass over the (host's share of the) records in a fresh seeded order. Its position is
-    checkpointable with ``grain.checkpoint``."""
-    indices = grain.MapDataset.source(np.arange(num_records))[process_index::process_count]
+def prompt_batches(num_records: int, *, prompts_per_step: int, seed: int) -> grain.IterDataset:
+    """An endless stream of record-index batches ``int64[prompts_per_step]``: every pass over the
+    records in a fresh seeded order. Every host draws the same stream (the RL loop splits each
+    draw's rows over hosts). Its position is checkpointable with ``grain.checkpoint``."""
+    indices = grain.MapDataset.source(np.arange(num_records))
     if len(indices) < prompts_per_step:
-        raise DataError(f"{len(indices)} prompts on this host; prompts_per_step is {prompts_per_step}")
+        raise DataError(f"{len(indices)} prompts; prompts_per_step is {prompts_per_step}")
     return (indices.seed(seed).shuffle().repeat().to_iter_dataset()
             .batch(prompts_per_step, drop_remainder=True))

@@ -14,7 +14,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dirl_jax import mesh as mesh_lib
 from dirl_jax.model.sdar import SDARForCausalLM
+from dirl_jax.rollout.engine_names import ENGINE_ALIASES
 from dirl_jax.rollout.sampler import SamplingConfig, decode_prompts
 
 
@@ -29,17 +31,21 @@ class RolloutEngine(Protocol):
 
 
 class InProcessEngine:
-    """Decodes with the trainer's own model on the trainer's devices.
+    """Decodes with the trainer's own model on this host's devices.
 
-    ``update_weights`` swaps the parameter arrays in place (no host round trip, no disk): the
-    engine and the trainer share device buffers.
+    ``update_weights`` swaps the parameter arrays (no host round trip, no disk). In a
+    one-process run the engine and the trainer share device buffers; when the trainer's
+    parameters span hosts, each host decodes from its own replica, all-gathered on device.
     """
 
     def __init__(self, model: SDARForCausalLM, *, pad_token_id: int = 0,
                  mesh: jax.sharding.Mesh | None = None):
-        self.model = model
+        graphdef, state = nnx.split(model)
+        self.model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # own variables, same arrays
         self.pad_token_id = pad_token_id
         self.mesh = mesh
+        if jax.process_count() > 1:
+            self.update_weights(nnx.state(model, nnx.Param))
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
                  seed: int, row_seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
@@ -47,11 +53,10 @@ class InProcessEngine:
                               row_seeds=row_seeds, pad_token_id=self.pad_token_id, mesh=self.mesh)
 
     def update_weights(self, params: nnx.State) -> None:
+        if jax.process_count() > 1:
+            devices = self.mesh.devices.flat if self.mesh is not None else jax.local_devices()[:1]
+            params = mesh_lib.local_replica(params, list(devices))
         nnx.update(self.model, params)
-
-
-# Short names for external engines (resolved by import path: dirl_jax never imports them).
-ENGINE_ALIASES = {"lmdeploy": "torch_bridge.lmdeploy_client:LMDeployEngine"}
 
 
 def make_engine(spec: str, model: SDARForCausalLM, sampling: SamplingConfig, *, pad_token_id: int,
@@ -60,7 +65,7 @@ def make_engine(spec: str, model: SDARForCausalLM, sampling: SamplingConfig, *, 
     ``"lmdeploy"`` or any ``"module:Class"`` (see ``ENGINE_ALIASES``) is constructed with
     the decoding settings its servers must have been launched with, the ``tokenizer`` path and
     ``options`` (servers, weight push, ...). ``dirl_jax`` itself never imports such a module."""
-    if spec == "jax":
+    if spec == "jax":  # every host decodes its own rows on its own devices
         devices = jax.local_devices()
         mesh = jax.sharding.Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
         return InProcessEngine(model, pad_token_id=pad_token_id, mesh=mesh)
