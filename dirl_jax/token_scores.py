@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dirl_jax.model.sharding import constrain
+
 
 def chunked_token_scores(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array,
                          active: jax.Array, *, chunk: int, temperature: float = 1.0,
@@ -35,6 +37,7 @@ def chunked_token_scores(hidden: jax.Array, output_embedding: jax.Array, targets
     def score(h: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = jnp.einsum("ne,ve->nv", h, output_embedding.astype(h.dtype),
                             preferred_element_type=logits_dtype).astype(jnp.float32) / temperature
+        logits = constrain(logits, (None, "act_vocab"))
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
         return jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0], jax.lax.stop_gradient(entropy)

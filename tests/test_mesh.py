@@ -100,6 +100,38 @@ def test_host_copies_and_local_replicas_hold_the_same_values(seed):
         np.testing.assert_array_equal(shard.data, weights)
 
 
+def sharding_constraints(jaxpr) -> list[jax.sharding.PartitionSpec]:
+    """The specs of every sharding constraint in ``jaxpr`` and its sub-jaxprs."""
+    specs = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "sharding_constraint":
+            specs.append(eqn.params["sharding"].spec)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            specs += sharding_constraints(sub)
+    return specs
+
+
+@pytest.mark.parametrize("batch", [4, 2])
+def test_activations_are_sharded_as_the_logical_axis_table_says(seed, batch):
+    from conftest import random_model, tiny_config
+    from jax.sharding import PartitionSpec as P
+    model = random_model(tiny_config(vocab=64), seed)  # tensor = 2 divides heads, MLP, vocab
+    graphdef, state = nnx.split(model)
+    rows = ("data", "fsdp") if batch % 4 == 0 else None  # data x fsdp = 4 must divide the rows
+    ids = np.random.default_rng(seed).integers(0, 50, (batch, 8))
+    positions = np.broadcast_to(np.arange(8), (batch, 8))
+    mask = np.ones((batch, 8, 8), bool)
+    with jax.set_mesh(mesh_lib.make_mesh((2, 2, 2))):
+        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids, positions, mask))(state)
+    specs = sharding_constraints(jaxpr.jaxpr)
+    free = P.UNCONSTRAINED
+    layers = model.config.num_hidden_layers
+    want = ([P(rows, None, None)] * (1 + layers)  # embeddings, each layer's residual output
+            + [P(rows, None, "tensor", None)] * 3 * layers + [P(rows, None, "tensor")] * layers
+            + [P(free, free, "tensor")])  # q, k, v; the MLP intermediate; logits
+    assert sorted(map(str, specs)) == sorted(map(str, want))
+
+
 def cli(run_dir, devices: int, *extra: str, processes: int = 1) -> list[dict]:
     """``python -m dirl_jax.train`` on the toy task, as ``processes`` local processes."""
     common = ["--config", "configs/sft_tiny.py", f"--config.run_dir={run_dir}", "--config.seed=5",

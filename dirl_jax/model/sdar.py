@@ -18,8 +18,11 @@ from flax import nnx, struct
 from dirl_jax import attention as attention_lib
 from dirl_jax.canvas import Canvas, StreamMajorLayout
 from dirl_jax.model.config import SDARConfig
+from dirl_jax.model.sharding import constrain
 
 Dtype = Any
+BATCH, LENGTH = "batch", "length"          # logical activation axes (dirl_jax.model.sharding)
+RESIDUAL = (BATCH, LENGTH, "act_embed")    # the residual stream [B, T, E]
 _init_normal = jax.nn.initializers.normal(stddev=0.02)
 
 
@@ -90,10 +93,11 @@ class Attention(nnx.Module):
     def _qkv(self, x_BTE: jax.Array, rope: tuple[jax.Array, jax.Array]
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
         batch, length, _ = x_BTE.shape
-        q = self.q_norm(self.q_proj(x_BTE).reshape(batch, length, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        return apply_rotary(q, *rope), apply_rotary(k, *rope), v
+        q_axes, kv_axes = (BATCH, LENGTH, "act_heads", "head_dim"), (BATCH, LENGTH, "act_kv_heads", "head_dim")
+        q = constrain(self.q_proj(x_BTE).reshape(batch, length, self.num_heads, self.head_dim), q_axes)
+        k = constrain(self.k_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim), kv_axes)
+        v = constrain(self.v_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim), kv_axes)
+        return apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope), v
 
     def _out(self, out_BTHD: jax.Array) -> jax.Array:
         batch, length = out_BTHD.shape[:2]
@@ -152,7 +156,8 @@ class MLP(nnx.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, ("embed", "mlp"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), (BATCH, LENGTH, "act_mlp"))
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(nnx.Module):
@@ -170,7 +175,7 @@ class DecoderLayer(nnx.Module):
                  layout: StreamMajorLayout | None) -> jax.Array:
         x = x + self.self_attn(self.input_layernorm(x), rope, canvas=canvas, mask=mask, impl=impl,
                                layout=layout)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL)
 
     def cached(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: LayerCache,
                write_at: jax.Array, q_canvas: Canvas, kv_canvas: Canvas, impl: str
@@ -189,7 +194,7 @@ class Embedding(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+        return constrain(jnp.take(self.weight[...], ids, axis=0).astype(self.dtype), RESIDUAL)
 
 
 class SDARModel(nnx.Module):
@@ -276,8 +281,9 @@ class SDARForCausalLM(nnx.Module):
         return self.lm_head.weight[...]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        return jnp.einsum("...e,ve->...v", hidden.astype(self.dtype),
-                          self.output_embedding().astype(self.dtype))
+        logits = jnp.einsum("...e,ve->...v", hidden.astype(self.dtype),
+                            self.output_embedding().astype(self.dtype))
+        return constrain(logits, (None,) * (logits.ndim - 1) + ("act_vocab",))
 
 
 def _run_layer(layer: DecoderLayer, x: jax.Array, rope: tuple[jax.Array, jax.Array],

@@ -1,37 +1,83 @@
-"""Logical parameter axes of the SDAR model and their default mapping onto mesh axes."""
+"""The logical axes of the SDAR model's parameters and activations, and their mapping onto the
+mesh axes (``data``, ``fsdp``, ``tensor``; see :mod:`dirl_jax.mesh`): one table for both."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
 from flax import nnx
 
-# Logical axis names used by the model's parameters:
-#   vocab     vocabulary rows of the embedding and lm_head
-#   embed     the hidden (model) dimension
-#   q_heads   flattened query heads x head_dim; kv_heads likewise for keys/values
-#   mlp       the SwiGLU intermediate dimension
-#   norm      RMSNorm scales (replicated)
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+# Parameters:
+#   vocab        vocabulary rows of the embedding and lm_head
+#   embed        the hidden (model) dimension
+#   q_heads      flattened query heads x head_dim; kv_heads likewise for keys/values
+#   mlp          the SwiGLU intermediate dimension
+#   norm         RMSNorm scales (replicated)
+# Activations:
+#   batch        rows of a batch or canvas
+#   length       tokens of a row (whole rows: attention needs them)
+#   act_embed    the residual stream's hidden dimension
+#   act_heads    attention heads of queries / outputs; act_kv_heads of keys and values
+#   head_dim     the per-head dimension
+#   act_mlp      the SwiGLU intermediate
+#   act_vocab    logits over the vocabulary
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("head_dim", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
 
 
-def rules_for_mesh(mesh: jax.sharding.Mesh,
-                   rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES
-                   ) -> tuple[tuple[str, str | None], ...]:
-    """``rules`` with mesh axes the mesh does not have replaced by None (replicated)."""
-    return tuple((logical, axis if axis in mesh.axis_names else None) for logical, axis in rules)
+def _present(axis: str | tuple[str, ...] | None, names: set[str]) -> str | tuple[str, ...] | None:
+    """``axis`` restricted to the mesh axes in ``names`` (None when none is left)."""
+    kept = tuple(a for a in ((axis,) if isinstance(axis, str) else axis or ()) if a in names)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+
+def rules_for_mesh(mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES) -> Rules:
+    """``rules`` with mesh axes the mesh does not have dropped (a rule left with none replicates)."""
+    return tuple((logical, _present(axis, set(mesh.axis_names))) for logical, axis in rules)
 
 
 def named_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh,
-                    rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES) -> nnx.State:
+                    rules: Rules = DEFAULT_RULES) -> nnx.State:
     """The ``NamedSharding`` of every parameter of an abstract model state on ``mesh``."""
     with nnx.logical_axis_rules(rules_for_mesh(mesh, rules)):
         return nnx.get_named_sharding(abstract_state, mesh)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> jax.Array:
+    """``x`` constrained to the sharding its logical ``axes`` map to under the current mesh
+    (``jax.set_mesh``); ``None`` leaves a dimension to XLA. A no-op without a mesh; mesh axes that
+    are manual here (inside ``shard_map``) or that do not divide the dimension are left out."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    usable = set(mesh.axis_names) - set(mesh.manual_axes)
+    if not usable:
+        return x
+    table, sizes = dict(rules), dict(zip(mesh.axis_names, mesh.axis_sizes))
+    spec = []
+    for size, name in zip(x.shape, axes):
+        if name is None:
+            spec.append(jax.sharding.PartitionSpec.UNCONSTRAINED)
+            continue
+        axis = _present(table[name], usable)
+        parts = (axis,) if isinstance(axis, str) else axis or ()
+        spec.append(axis if size % math.prod(sizes[a] for a in parts) == 0 else None)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
