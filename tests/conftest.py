@@ -30,21 +30,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_cli(args: list[str], run_dir: pathlib.Path, devices: int, processes: int = 1) -> list[dict]:
-    """``python -m dirl_jax.train ARGS`` as ``processes`` local processes of ``devices`` CPU
-    devices each (JAX's CPU collectives between them); the run's metrics.jsonl rows."""
-    import json
+def launch(module: str, args: list[str], devices: int, processes: int = 1) -> list[str]:
+    """``python -m MODULE ARGS`` as ``processes`` local processes of ``devices`` CPU devices each
+    (JAX's CPU collectives between them); their standard outputs."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     port = free_port()
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "dirl_jax.train", *args,
+        [sys.executable, "-m", module, *args,
          *([f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"]
            if processes > 1 else [])],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(processes)]
+    outputs = []
     for proc in procs:
-        _, err = proc.communicate(timeout=600)
+        out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
+        outputs.append(out)
+    return outputs
+
+
+def train_cli(args: list[str], run_dir: pathlib.Path, devices: int, processes: int = 1) -> list[dict]:
+    """``python -m dirl_jax.train ARGS`` (see :func:`launch`); the run's metrics.jsonl rows."""
+    import json
+    launch("dirl_jax.train", args, devices, processes)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, save_toy_chat_model
+from conftest import REPO, launch, save_toy_chat_model
 from dirl_jax.config import ConfigValueError, eval_defaults
 from dirl_jax.evaluation.runner import run_evaluation
 
@@ -63,6 +63,24 @@ def test_cli_contract_writes_records_and_summary(tiny_model_dir, tmp_path):
     table = (out / "summary.md").read_text()
     assert "accuracy (%)" in table and "tokens / step" in table and "avg length" in table
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_two_hosts_split_the_work_and_write_the_one_host_report(tiny_model_dir, tmp_path):
+    args = ["--config", "configs/eval_tiny.py", f"--config.model={tiny_model_dir}",
+            "--config.benchmarks=gsm8k,aime24", "--config.limit=6", "--config.samples_per_question=2",
+            "--config.max_new_tokens=12", "--config.batch_size=4"]
+    launch("dirl_jax.evaluate", [*args, f"--config.output_dir={tmp_path / 'one'}"], devices=2)
+    launch("dirl_jax.evaluate", [*args, f"--config.output_dir={tmp_path / 'two'}"], devices=1,
+           processes=2)
+    def by_sample(directory):
+        return {(r["benchmark"], r["question_id"], r["sample"]): r
+                for r in read_lines(directory / "records.jsonl")}
+    one, two = by_sample(tmp_path / "one"), by_sample(tmp_path / "two")
+    assert len(one) == 2 * 6 * 2 and two == one  # the shards were merged, every sample once
+    assert not list((tmp_path / "two").glob("records.*.jsonl"))
+    assert (json.loads((tmp_path / "two" / "summary.json").read_text())
+            == json.loads((tmp_path / "one" / "summary.json").read_text()))
 
 
 def test_resume_after_a_kill_and_determinism_across_batches(tiny_model_dir, tmp_path):
