@@ -33,7 +33,7 @@ from dirl_jax.data import sft as sft_data
 from dirl_jax.data import toy
 from dirl_jax.data.tokenizer import load_tokenizer, stop_token_ids
 from dirl_jax.evaluate_builtin import builtin_eval_runs, evaluate_builtin
-from dirl_jax.metrics import MetricsWriter, write_json_atomic
+from dirl_jax.metrics import MetricsWriter, start_run_dir, write_json_atomic
 from dirl_jax.model import load_model, save_model
 from dirl_jax.model import SDARConfig
 from dirl_jax.model.hf_io import resolve_dtype, resolve_model_dir, run_export_dir
@@ -282,9 +282,7 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
                           param_dtype=resolve_dtype(t.param_dtype), remat=config.model.remat)
     prompts, answers, held_out = build_prompts(config, tokenizer)
 
-    run_dir = os.path.abspath(config.run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+    run_dir = start_run_dir(config.run_dir, config.to_dict())
     stop_ids = stop_token_ids(tokenizer)
     sampling = SamplingConfig(block_size=model_config.block_size,
                               mask_token_id=model_config.mask_token_id, strategy=r.strategy,

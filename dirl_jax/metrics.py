@@ -8,6 +8,7 @@ import os
 import time
 from typing import Any
 
+import jax
 from tensorboardX import SummaryWriter
 
 
@@ -65,6 +66,16 @@ class MetricsWriter:
         if self.enabled:
             self._file.close()
             self._tensorboard.close()
+
+
+def start_run_dir(run_dir: str, config: dict[str, Any]) -> str:
+    """Creates ``run_dir`` (absolute path returned) and writes ``config.json``; in a multi-host
+    run only process 0 writes files there."""
+    run_dir = os.path.abspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(run_dir, "config.json"), config)
+    return run_dir
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

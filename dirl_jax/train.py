@@ -27,7 +27,7 @@ from dirl_jax.data import sft as sft_data
 from dirl_jax.data import toy
 from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.evaluate_builtin import builtin_eval_runs, evaluate_builtin
-from dirl_jax.metrics import MetricsWriter, write_json_atomic
+from dirl_jax.metrics import MetricsWriter, start_run_dir, write_json_atomic
 from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
 from dirl_jax.model.hf_io import resolve_dtype, resolve_model_dir
 from dirl_jax.optim import learning_rate_schedule, make_optimizer
@@ -152,11 +152,9 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
     model = build_model(config, model_config, mesh)
 
     # Everything was validated: from here on the run directory is written.
-    run_dir = os.path.abspath(config.run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    write_json_atomic(os.path.join(run_dir, "config.json"), config.to_dict())
+    run_dir = start_run_dir(config.run_dir, config.to_dict())
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
-    if not os.path.isdir(tokenizer_dir):
+    if jax.process_index() == 0 and not os.path.isdir(tokenizer_dir):
         tokenizer.save_pretrained(tokenizer_dir + ".tmp")
         os.replace(tokenizer_dir + ".tmp", tokenizer_dir)
 
