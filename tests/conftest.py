@@ -41,12 +41,11 @@ def launch(module: str, args: list[str], devices: int, processes: int = 1) -> li
            if processes > 1 else [])],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(processes)]
-    outputs = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-        outputs.append(out)
-    return outputs
+    finished = [proc.communicate(timeout=600) for proc in procs]
+    failed = [f"process {i} (exit {proc.returncode}):\n{err[-3000:]}"
+              for i, (proc, (_, err)) in enumerate(zip(procs, finished)) if proc.returncode]
+    assert not failed, "\n".join(failed)
+    return [out for out, _ in finished]
 
 
 def train_cli(args: list[str], run_dir: pathlib.Path, devices: int, processes: int = 1) -> list[dict]:
