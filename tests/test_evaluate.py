@@ -83,8 +83,14 @@ def test_two_hosts_split_the_work_and_write_the_one_host_report(tiny_model_dir, 
             == json.loads((tmp_path / "one" / "summary.json").read_text()))
 
 
-def test_resume_after_a_kill_and_determinism_across_batches(tiny_model_dir, tmp_path):
+def test_resume_after_a_kill_and_determinism_across_batches(tiny_model_dir, tmp_path, monkeypatch):
+    from dirl_jax.rollout.engine import InProcessEngine
+    batches = []  # prompt lengths of every batch the engine decodes
+    generate = InProcessEngine.generate
+    monkeypatch.setattr(InProcessEngine, "generate", lambda self, prompts, *a, **kw: (
+        batches.append(sorted(map(len, prompts))), generate(self, prompts, *a, **kw))[1])
     first = run_evaluation(small_config(tiny_model_dir, tmp_path / "a"))
+    assert len(batches) > 1 and all(a[-1] <= b[0] for a, b in zip(batches, batches[1:]))  # by length
     path = tmp_path / "a" / "records.jsonl"
     full = read_lines(path)
     lines = path.read_text().splitlines(keepends=True)

@@ -83,14 +83,18 @@ def run_evaluation(config: ConfigDict) -> dict[str, dict[str, Any]]:
         records_lib.check_settings(config.output_dir, settings)
     done = records_lib.read_records(config.output_dir)
     work = pending_work(questions, config.samples_per_question, done)
+    encoded = {(q.benchmark, q.id): tokenizer.encode(rl_data.render_prompt(q.question, template),
+                                                     add_special_tokens=False) for q, _ in work}
+    # prompts of similar length share a batch (less padding, shorter KV caches); the split over
+    # hosts then gives every host a mix of lengths
+    work = sorted(work, key=lambda item: len(encoded[item[0].benchmark, item[0].id]))
     work = work[jax.process_index()::jax.process_count()]
     writer = records_lib.RecordWriter(records_lib.shard_path(
         config.output_dir, jax.process_index(), jax.process_count()))
     with tqdm(total=len(work), desc="evaluating", unit="sample", disable=not work) as progress:
         for start in range(0, len(work), config.batch_size):
             chunk = work[start:start + config.batch_size]
-            prompts = [tokenizer.encode(rl_data.render_prompt(q.question, template),
-                                        add_special_tokens=False) for q, _ in chunk]
+            prompts = [encoded[q.benchmark, q.id] for q, _ in chunk]
             results = engine.generate(prompts, sampling, seed=config.seed,
                                       row_seeds=[sample_seed(q.benchmark, q.id, s) for q, s in chunk])
             writer.write(grade_record(q, s, result, tokenizer, config) for (q, s), result
