@@ -21,7 +21,7 @@ from dirl_jax.model import SDARConfig
 from dirl_jax.model.sharding import DEFAULT_RULES, named_shardings, rules_for_mesh
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # rows of a batch
+BATCH_AXES = dict(DEFAULT_RULES)["batch"]  # rows of a batch
 
 
 def mesh_shape(mesh_config: ConfigDict, device_count: int) -> tuple[int, int, int]:

@@ -25,6 +25,7 @@ from dirl_jax import canvas as canvas_lib
 from dirl_jax.attention import tiles
 from dirl_jax.attention.reference import reference_attention
 from dirl_jax.attention.tiled import tiled_attention
+from dirl_jax.model.sharding import rules_for_mesh
 
 IMPLEMENTATIONS = ("auto", "reference", "tiled", "splash", "pallas_gpu")
 # (q_tile, kv_tile) per block-sparse impl; tiled's is the fastest measured on CPU (docs/PERFORMANCE.md).
@@ -78,20 +79,18 @@ def _block_sparse(kernel: Any, q: jax.Array, k: jax.Array, v: jax.Array,
     return out[:, :q_len]
 
 
-ROW_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"  # dirl_jax.mesh's axes
-
-
 def _per_device(kernel: Any, q: jax.Array, k: jax.Array, v: jax.Array,
                 q_canvas: canvas_lib.Canvas, kv_canvas: canvas_lib.Canvas) -> jax.Array:
     """``kernel(q, k, v, q_canvas, kv_canvas)``, under a mesh (``jax.set_mesh``) once per device
-    on its rows (``data x fsdp``) and heads (``tensor``): XLA cannot partition a Pallas kernel,
+    on its rows and heads (sharded as the ``batch`` / ``act_heads`` logical axes say): XLA cannot partition a Pallas kernel,
     and would otherwise gather every operand onto every device."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return kernel(q, k, v, q_canvas, kv_canvas)
     P = jax.sharding.PartitionSpec
-    rows = tuple(a for a in ROW_AXES if a in mesh.axis_names) or None
-    heads = P(rows, None, HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None, None)
+    rules = dict(rules_for_mesh(mesh))  # the logical-axis table: rows and heads
+    rows = rules["batch"]
+    heads = P(rows, None, rules["act_heads"], None)
     tags = jax.tree.map(lambda _: P(rows, None), q_canvas)
     return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, tags, tags),
                          out_specs=heads, check_vma=False)(q, k, v, q_canvas, kv_canvas)
