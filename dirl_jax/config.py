@@ -10,6 +10,11 @@ from dirl_jax.rollout.engine_names import engine_spec_problem
 from dirl_jax.rollout.unmasking import STRATEGIES as UNMASKING_STRATEGIES
 
 SCHEDULES = ("cosine", "constant")
+# The built-in task (dirl_jax.data.toy.builtin_split): held-out problems are builtin_eval_size
+# operand pairs drawn by split_seed; SFT and DiPO from it must use the same split fields.
+BUILTIN_DATA = dict(split_seed=0, builtin_train_size=20000, builtin_eval_size=500,
+                    builtin_max_operand=49)
+SPLIT_FIELDS = ("source", "split_seed", "builtin_eval_size", "builtin_max_operand")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -39,8 +44,7 @@ def sft_defaults() -> ConfigDict:
         attention_impl="auto"))           # dirl_jax.attention impl: auto | reference | tiled | splash | pallas_gpu
     config.data = ConfigDict(dict(
         source="builtin:arithmetic",      # .jsonl/.json/.parquet file, HF datasets name, or builtin:arithmetic
-        split="train", max_length=128, overlong="drop", packing_bins=8,
-        builtin_train_size=20000, builtin_eval_size=500, builtin_max_operand=49))
+        split="train", max_length=128, overlong="drop", packing_bins=8, **BUILTIN_DATA))
     config.diffusion = ConfigDict(dict(block_size=4, eps=1e-3, loss_chunk=1024))
     # devices of all processes as data x fsdp x tensor; data = 0 takes what fsdp x tensor leave
     config.mesh = ConfigDict(dict(data=0, fsdp=1, tensor=1))
@@ -107,11 +111,12 @@ def dipo_defaults() -> ConfigDict:
     config.data = ConfigDict(dict(
         source="builtin:arithmetic",      # question/ground_truth_answer .jsonl/.json/.parquet, HF name, builtin
         split="train", prompt_template="",  # "" = DiRL's rollout prompt (builtin: the SFT chat format)
-        builtin_train_size=20000, builtin_eval_size=500, builtin_max_operand=19))
+        **BUILTIN_DATA))
     config.rollout = ConfigDict(dict(
         prompts_per_step=8, group_size=8, strategy="low_confidence_dynamic", steps=0,
         threshold=0.9, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
-        oversample=1,                     # prompts drawn per sampling round = oversample x prompts_per_step
+        oversample=0,                     # prompts drawn per sampling round = oversample x prompts_per_step;
+                                          # 0: the original's rule (dirl_jax.dipo.oversample_factor)
         max_prompt_tokens=0,              # longer prompts are dropped; 0 = keep all
         engine="jax",                     # "jax" (in-process), "lmdeploy" (torch_bridge's client)
                                           # or "module:Class" of a RolloutEngine
@@ -147,7 +152,7 @@ def validate_dipo(config: ConfigDict) -> None:
     check(bool(config.init_from), "init_from", "must name an SFT run directory or a HF checkpoint")
     check(t.num_steps > 0, "train.num_steps", f"must be positive, got {t.num_steps}")
     check(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be positive")
-    check(r.oversample >= 1, "rollout.oversample", f"must be >= 1, got {r.oversample}")
+    check(r.oversample >= 0, "rollout.oversample", f"must be >= 0 (0 = automatic), got {r.oversample}")
     check(r.max_prompt_tokens >= 0, "rollout.max_prompt_tokens", "must be >= 0")
     check(r.group_size > 1, "rollout.group_size", f"must be > 1 (group advantages), got {r.group_size}")
     check(r.strategy in UNMASKING_STRATEGIES, "rollout.strategy",

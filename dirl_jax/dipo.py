@@ -178,11 +178,30 @@ def group_advantages(rewards: np.ndarray, mode: str = "zscore", eps: float = 1e-
     raise ValueError(f"advantage mode: unknown {mode!r}; available: zscore, center")
 
 
-def informative_groups(correct: np.ndarray) -> np.ndarray:
-    """DAPO dynamic sampling: ``bool[groups]``, True where a group's responses are neither all
-    correct nor all wrong (only those carry a learning signal under group-relative advantages)."""
-    correct = np.asarray(correct, bool)
-    return correct.any(axis=-1) & ~correct.all(axis=-1)
+def informative_groups(rewards: np.ndarray) -> np.ndarray:
+    """DAPO dynamic sampling: ``bool[groups]``, True where a group's rewards (the ones its
+    advantages come from, truncation zeroed) are not all equal: only those groups have non-zero
+    group-relative advantages. With the accuracy reward this is the original's filter (mixed
+    correctness, DIRL_SPEC §2.5); with other rewards it also keeps groups whose accuracy is uniform
+    but whose rewards differ, which the original drops (§8.11)."""
+    rewards = np.asarray(rewards)
+    return (rewards != rewards[..., :1]).any(axis=-1)
+
+
+def oversample_factor(requested: int, *, dynamic_sampling: bool, group_size: int,
+                      source: str) -> int:
+    """Prompts drawn per sampling round, as a multiple of ``prompts_per_step``. ``requested > 0``
+    is used as given; ``0`` follows the original (DIRL_SPEC §2.5): 1 without dynamic sampling,
+    2 when ``group_size >= 16``, otherwise keyed on the data source's name (§8.10): 6 for GSM8K,
+    3 for BigMath, 2 for anything else."""
+    if requested > 0:
+        return requested
+    if not dynamic_sampling:
+        return 1
+    if group_size >= 16:
+        return 2
+    name = source.lower()
+    return 6 if "gsm8k" in name else 3 if "bigmath" in name else 2
 
 
 # ----------------------------------------------------------------------------- loss

@@ -12,6 +12,7 @@ the run. The new parameters go to the engine without leaving the device.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -27,7 +28,7 @@ from ml_collections import ConfigDict
 from dirl_jax import dipo, distributed
 from dirl_jax import mesh as mesh_lib
 from dirl_jax.checkpoint import start_or_resume
-from dirl_jax.config import check, check_canvas_fits, validate_dipo
+from dirl_jax.config import SPLIT_FIELDS, check, check_canvas_fits, validate_dipo
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data import sft as sft_data
 from dirl_jax.data import toy
@@ -38,7 +39,7 @@ from dirl_jax.model import load_model, save_model
 from dirl_jax.model import SDARConfig
 from dirl_jax.model.hf_io import resolve_dtype, resolve_model_dir, run_export_dir
 from dirl_jax.optim import learning_rate_schedule, make_optimizer
-from dirl_jax.rewards import Response, grade, weighted_rewards
+from dirl_jax.rewards import REWARDS, Response, grade, weighted_rewards
 from dirl_jax.rollout.engine import RolloutEngine, make_engine
 from dirl_jax.rollout.sampler import SamplingConfig
 
@@ -47,13 +48,13 @@ log = logging.getLogger(__name__)
 
 def build_prompts(config: ConfigDict, tokenizer) -> tuple[list[list[int]], list[str], list[dict]]:
     """Prompt token ids and gold answers of the RL records (those longer than
-    ``rollout.max_prompt_tokens`` dropped), and held-out eval records (builtin only)."""
+    ``rollout.max_prompt_tokens`` dropped), and held-out eval records (builtin only: the SFT
+    split, :func:`dirl_jax.data.toy.builtin_split`, so no prompt shares an operand pair with them)."""
     data = config.data
     held_out: list[dict] = []
-    if data.source == "builtin:arithmetic":
-        records = toy.arithmetic_records(config.seed, data.builtin_train_size + data.builtin_eval_size,
-                                         max_operand=data.builtin_max_operand)
-        train, held_out = records[:data.builtin_train_size], records[data.builtin_train_size:]
+    if data.source == toy.BUILTIN_TASK:
+        train, held_out = toy.builtin_split(data.split_seed, data.builtin_train_size,
+                                            data.builtin_eval_size, data.builtin_max_operand)
         prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in train]
         answers = [r["answer"] for r in train]
     else:
@@ -72,6 +73,22 @@ def build_prompts(config: ConfigDict, tokenizer) -> tuple[list[list[int]], list[
                         data.source, len(prompts) - len(keep), len(prompts), limit)
         prompts, answers = [prompts[i] for i in keep], [answers[i] for i in keep]
     return prompts, answers, held_out
+
+
+def check_same_split(config: ConfigDict) -> None:
+    """On the built-in task, a DiPO run from an SFT run directory must hold out exactly the operand
+    pairs that run held out (otherwise its held-out problems could be ones SFT trained on)."""
+    path = os.path.join(config.init_from, "config.json")  # a run directory's resolved config
+    if config.data.source != toy.BUILTIN_TASK or not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f).get("data")
+    if not isinstance(saved, dict) or saved.get("source") != toy.BUILTIN_TASK:
+        return
+    for field in SPLIT_FIELDS:
+        check(saved.get(field) == config.data[field], f"data.{field}",
+              f"{config.data[field]!r} differs from the SFT run's {saved.get(field)!r} ({path}): "
+              f"the held-out split must be the one the SFT run used")
 
 
 class Updater:
@@ -173,13 +190,17 @@ def generate_and_grade(engine: RolloutEngine, prompts: list[list[int]], answers:
 def collect_groups(engine: RolloutEngine, stream, prompts: list[list[int]], answers: list[str],
                    tokenizer, sampling: SamplingConfig, config: ConfigDict, step: int
                    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Sampled, graded groups; with dynamic sampling only the informative ones (bounded refill).
-    Every host makes the same decisions from the same gathered rollouts."""
+    """Sampled, graded groups; with dynamic sampling only those whose rewards differ, drawn in
+    rounds of ``oversample x prompts_per_step`` prompts until ``prompts_per_step`` are kept (at
+    most ``train.max_sampling_rounds`` rounds), then shuffled and truncated as the original does
+    (DIRL_SPEC §2.5). Every host makes the same decisions from the same gathered rollouts."""
     r, t = config.rollout, config.train
+    oversample = dipo.oversample_factor(r.oversample, dynamic_sampling=t.dynamic_sampling,
+                                        group_size=r.group_size, source=config.data.source)
     kept, stats = [], {"rollout_s": 0.0, "reward_s": 0.0, "generated_tokens": 0, "groups_sampled": 0}
     accuracy = []
     for sampling_round in range(t.max_sampling_rounds):
-        indices = np.concatenate([next(stream) for _ in range(r.oversample)])
+        indices = np.concatenate([next(stream) for _ in range(oversample)])
         rows = np.repeat(indices, r.group_size)
         results, responses, times = generate_and_grade(
             engine, [prompts[i] for i in rows], [answers[i] for i in rows], tokenizer, sampling,
@@ -188,11 +209,11 @@ def collect_groups(engine: RolloutEngine, stream, prompts: list[list[int]], answ
             stats[name] += seconds
         rewards = weighted_rewards(responses, list(config.rewards.names),
                                    list(config.rewards.weights) or None).reshape(-1, r.group_size)
-        correct = np.array([x.correct for x in responses]).reshape(-1, r.group_size)
         stats["generated_tokens"] += sum(len(x["token_ids"]) for x in results)
         stats["groups_sampled"] += len(indices)
-        accuracy.append(correct.mean())
-        informative = dipo.informative_groups(correct) if t.dynamic_sampling else np.ones(len(indices), bool)
+        accuracy.extend(REWARDS["accuracy"](x) for x in responses)  # truncation zeroed
+        informative = (dipo.informative_groups(rewards) if t.dynamic_sampling
+                       else np.ones(len(indices), bool))
         advantages = dipo.group_advantages(rewards, t.advantage)
         for g in np.flatnonzero(informative):
             members = range(g * r.group_size, (g + 1) * r.group_size)
@@ -203,9 +224,13 @@ def collect_groups(engine: RolloutEngine, stream, prompts: list[list[int]], answ
     else:
         log.warning("step %d: %d informative groups after %d sampling rounds (wanted %d)", step,
                     len(kept), t.max_sampling_rounds, r.prompts_per_step)
+    if len(kept) > r.prompts_per_step:  # a seeded shuffle: the same on every host
+        order = np.random.default_rng([config.seed, step]).permutation(len(kept))
+        kept = [kept[i] for i in order[:r.prompts_per_step]]
     stats["rollout_accuracy"] = float(np.mean(accuracy))
-    stats["groups_kept"] = min(len(kept), r.prompts_per_step)
-    return kept[:r.prompts_per_step], stats
+    stats["sampling_rounds"] = sampling_round + 1
+    stats["groups_kept"] = len(kept)
+    return kept, stats
 
 
 def pack_groups(groups: list[dict[str, Any]], model_config, config: ConfigDict
@@ -267,6 +292,7 @@ def train_on_groups(updater: Updater, params, opt_state, reference, groups, mode
 def run_dipo(config: ConfigDict) -> dict[str, Any]:
     """Runs (or resumes) DiPO as configured; returns the last held-out evaluation (if any)."""
     validate_dipo(config)
+    check_same_split(config)
     check(jax.process_count() == 1 or config.rollout.engine == "jax", "rollout.engine",
           f"a multi-host run decodes with the in-process engine ('jax'), got "
           f"{config.rollout.engine!r}; serve LMDeploy to a one-host trainer")
@@ -310,19 +336,24 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
 
     evaluates = builtin_eval_runs(held_out, config)
 
-    def evaluate(step: int) -> dict[str, Any]:
+    def evaluate() -> dict[str, Any]:
         if not evaluates:
             return {}
-        result = evaluate_builtin(nnx.merge(graphdef, params), model_config, tokenizer, held_out,
-                                  config)
-        return {"eval_accuracy": result["accuracy"], "eval_tokens_per_step": result["tokens_per_step"]}
+        return evaluate_builtin(nnx.merge(graphdef, params), model_config, tokenizer, held_out,
+                                config, run_dir)
+
+    def eval_metrics(result: dict[str, Any]) -> dict[str, float]:
+        return {"eval_accuracy": result["accuracy"],
+                "eval_tokens_per_step": result["tokens_per_step"]} if result else {}
 
     result: dict[str, Any] = {}
     if start == 0:
-        result = evaluate(0)
+        result = evaluate()
         if result:
+            if jax.process_index() == 0:  # the policy DiPO starts from, on the same problems
+                write_json_atomic(os.path.join(run_dir, "eval_initial.json"), result)
             writer.write([{"step": 0, "loss": 0.0, "lr": 0.0, "grad_norm": 0.0, "tokens_per_s": 0.0,
-                           **result}])
+                           **eval_metrics(result)}])
     for step in range(start, t.num_steps):
         groups, stats = collect_groups(engine, stream, prompts, answers, tokenizer, sampling,
                                        config, step)
@@ -342,8 +373,8 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
         checkpointer.save(step + 1, {"params": params, "opt_state": opt_state}, stream,
                           {"step": step + 1, "seed": config.seed}, force=step + 1 == t.num_steps)
         if (step + 1) % config.eval.every_steps == 0 or step + 1 == t.num_steps:
-            result = evaluate(step + 1)
-            row.update(result)
+            result = evaluate()
+            row.update(eval_metrics(result))
         writer.write([row])
     checkpointer.wait()
     checkpointer.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
 import jax
@@ -16,6 +18,7 @@ from dirl_jax.rewards import extract_last_boxed
 from dirl_jax.rollout.sampler import generate
 
 log = logging.getLogger(__name__)
+HELDOUT_FILE = "heldout.jsonl"
 
 
 def builtin_eval_runs(records: list[dict[str, Any]], config: ConfigDict) -> bool:
@@ -30,12 +33,26 @@ def builtin_eval_runs(records: list[dict[str, Any]], config: ConfigDict) -> bool
     return True
 
 
+def write_heldout(run_dir: str, records: list[dict[str, Any]]) -> None:
+    """``RUN_DIR/heldout.jsonl``: the evaluated problems (``question``, ``answer`` per line)."""
+    path = os.path.join(run_dir, HELDOUT_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n"
+                     for r in records)
+    os.replace(path + ".tmp", path)
+
+
 def evaluate_builtin(model: SDARForCausalLM, model_config: SDARConfig, tokenizer,
-                     records: list[dict[str, Any]], config: ConfigDict) -> dict[str, Any]:
-    """Held-out exact match of the boxed answer under greedy block-diffusion decoding."""
+                     records: list[dict[str, Any]], config: ConfigDict, run_dir: str
+                     ) -> dict[str, Any]:
+    """Held-out exact match of the boxed answer under greedy block-diffusion decoding, on the
+    first ``eval.num_examples`` held-out records, which are written to ``RUN_DIR/heldout.jsonl``."""
     records = records[:config.eval.num_examples]
+    if jax.process_index() == 0:
+        write_heldout(run_dir, records)
     stop_ids = [tokenizer.convert_tokens_to_ids(toy.IM_END), tokenizer.pad_token_id]
-    correct, tokens_per_step = 0, []
+    correct: list[int] = []
+    tokens_per_step = []
     for start in range(0, len(records), config.eval.batch_size):
         chunk = records[start:start + config.eval.batch_size]
         prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in chunk]
@@ -47,8 +64,20 @@ def evaluate_builtin(model: SDARForCausalLM, model_config: SDARConfig, tokenizer
             threshold=config.eval.threshold, attn_impl=config.model.attention_impl)
         for record, result in zip(chunk, results):
             text = tokenizer.decode(result["token_ids"])
-            correct += extract_last_boxed(text) == record["answer"]
+            correct.append(int(extract_last_boxed(text) == record["answer"]))
             tokens_per_step.append(result["tokens_per_step"])
-    return {"accuracy": correct / max(len(records), 1), "num_examples": len(records),
+    accuracy = sum(correct) / max(len(records), 1)
+    return {"accuracy": accuracy, "accuracy_ci95": wilson_interval(sum(correct), len(records)),
+            "num_examples": len(records),
             "tokens_per_step": float(np.mean(tokens_per_step)) if tokens_per_step else 0.0,
-            "strategy": config.eval.strategy}
+            "strategy": config.eval.strategy, "correct": correct}
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> list[float]:
+    """The 95 % Wilson score interval of a binomial proportion (``[0, 1]`` without trials)."""
+    if trials == 0:
+        return [0.0, 1.0]
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return [float(centre - half), float(centre + half)]

@@ -33,7 +33,6 @@ from dirl_jax.model.hf_io import resolve_dtype, resolve_model_dir
 from dirl_jax.optim import learning_rate_schedule, make_optimizer
 
 BUILTIN_TOKENIZER = "builtin:toy"
-BUILTIN_TASK = "builtin:arithmetic"
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -44,15 +43,11 @@ def build_tokenizer(config: ConfigDict):
 
 
 def build_records(config: ConfigDict) -> tuple[list[Any], list[dict[str, Any]]]:
-    """Training records and held-out evaluation records (question / answer)."""
+    """Training records and held-out evaluation records (question / answer; built-in task only)."""
     data = config.data
-    if data.source == BUILTIN_TASK:
-        records = toy.arithmetic_records(config.seed, data.builtin_train_size + data.builtin_eval_size,
-                                         max_operand=data.builtin_max_operand)
-        eval_records = records[data.builtin_train_size:]
-        held_out_questions = {r["question"] for r in eval_records}
-        train = [r for r in records[:data.builtin_train_size] if r["question"] not in held_out_questions]
-        return train, eval_records
+    if data.source == toy.BUILTIN_TASK:
+        return toy.builtin_split(data.split_seed, data.builtin_train_size, data.builtin_eval_size,
+                                 data.builtin_max_operand)
     return sft_data.read_records(data.source, data.split), []
 
 
@@ -117,7 +112,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         keys = jax.random.split(key, batch["tokens"].shape[0] * batch["tokens"].shape[1])
         keys = keys.reshape(batch["tokens"].shape[:2])  # one noise key per row of the global batch
         (grads, ce, supervised, masked), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
-        denominator = jnp.maximum(supervised, 1).astype(jnp.float32)
+        denominator = jnp.maximum(masked, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -198,7 +193,7 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
     model = nnx.merge(graphdef, params)
     result: dict[str, Any] = {}
     if builtin_eval_runs(eval_records, config):
-        result = evaluate_builtin(model, model_config, tokenizer, eval_records, config)
+        result = evaluate_builtin(model, model_config, tokenizer, eval_records, config, run_dir)
         print(f"held-out accuracy {result['accuracy']:.3f} on {result['num_examples']} examples "
               f"({result['strategy']}, {result['tokens_per_step']:.2f} tokens/step)", flush=True)
         if jax.process_index() == 0:

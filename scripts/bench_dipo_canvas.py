@@ -36,7 +36,7 @@ def main() -> None:
 
     model, config = dirl_jax.load_model(args.model, dtype="float32")
     tokenizer = load_tokenizer(args.model)
-    records = toy.arithmetic_records(seed=12345, count=args.num_prompts, max_operand=19)
+    records, _ = toy.builtin_split(12345, args.num_prompts, 0, max_operand=19)
     prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in records]
     stop_ids = [tokenizer.convert_tokens_to_ids(toy.IM_END), tokenizer.pad_token_id]
     machine = benchlib.machine()

@@ -194,8 +194,23 @@ def test_group_advantages_and_dynamic_sampling():
     np.testing.assert_allclose(dipo.group_advantages(rewards, "center")[0], [0.5, -0.5, -0.5, 0.5])
     with pytest.raises(ValueError, match="available: zscore, center"):
         dipo.group_advantages(rewards, "rank")
-    correct = np.array([[1, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], bool)
+    correct = np.array([[1, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], float)
     np.testing.assert_array_equal(dipo.informative_groups(correct), [True, False, False, True])
+    # non-accuracy rewards: a group with uniform correctness but unequal rewards has a signal
+    np.testing.assert_array_equal(dipo.informative_groups(rewards), [True, False, True])
+
+
+@pytest.mark.parametrize("requested, dynamic, group, source, expected", [
+    (5, True, 32, "gsm8k.jsonl", 5),            # an explicit factor wins
+    (0, False, 8, "data/GSM8K_train.json", 1),  # no filter: one draw per round
+    (0, True, 16, "data/GSM8K_train.json", 2),  # k >= 16 forces 2
+    (0, True, 15, "data/GSM8K_train.json", 6),
+    (0, True, 8, "data/BigMath_train.json", 3),
+    (0, True, 8, "builtin:arithmetic", 2),
+])
+def test_oversample_factor_follows_the_original(requested, dynamic, group, source, expected):
+    assert dipo.oversample_factor(requested, dynamic_sampling=dynamic, group_size=group,
+                                  source=source) == expected
 
 
 def numpy_loss(logp, old, adv, weight, eps_low, eps_high, clamp, beta, ref):
@@ -330,3 +345,42 @@ def test_chunked_token_scores_match_a_dense_softmax(seed):
     want_entropy = np.where(active, -(np.exp(log_probs) * log_probs).sum(-1), 0.0)
     np.testing.assert_allclose(logp, want_logp, atol=1e-5)
     np.testing.assert_allclose(entropy, want_entropy, atol=1e-5)
+
+
+# DIRL_SPEC §4.5 (modeling_sdar.py:1257, ρ_clip = clip(ρ, 1 - ε, 1 + ε + 0.08) with ε = 0.2; §5: the
+# DAPO script keeps it): the original clips the ratio to [0.8, 1.28], asymmetric (clip-higher).
+SPEC_EPS_LOW, SPEC_EPS_HIGH = 0.2, 0.28
+
+
+def test_default_clip_range_is_the_originals_asymmetric_one(seed):
+    """The loss of the default DiPO run config (its LossConfig built by the trainer's Updater) and
+    LossConfig's own defaults clip at 1 - 0.2 and 1 + 0.28: ratios 1.2-1.28 with A > 0 are not
+    clipped, 0.72-0.8 with A < 0 are; against a float64 restatement with the spec's constants."""
+    import jax
+    from flax import nnx
+
+    from dirl_jax.config import dipo_defaults
+    from dirl_jax.dipo_train import Updater
+    from dirl_jax.mesh import make_mesh
+    from dirl_jax.optim import make_optimizer
+    config = dipo_defaults()
+    graphdef, _ = nnx.split(random_model(tiny_config(block_size=BLOCK), seed), nnx.Param)
+    updater = Updater(graphdef, make_optimizer(config.train), config,
+                      make_mesh((1, 1, 1), jax.devices()[:1]))
+    rng = np.random.default_rng(seed)
+    ratio = np.array([0.6, 0.7, 0.73, 0.76, 0.79, 0.81, 0.9, 1.0, 1.1, 1.19, 1.21, 1.23, 1.25,
+                      1.27, 1.29, 1.35, 1.5])
+    ratio = np.concatenate([ratio, ratio])
+    adv = np.concatenate([np.full(len(ratio) // 2, 1.0), np.full(len(ratio) // 2, -1.0)])
+    adv *= rng.uniform(0.5, 2.0, len(adv))
+    old = rng.normal(-2.0, 1.0, len(ratio))
+    logp = old + np.log(ratio)
+    weight = rng.uniform(0.01, 0.1, len(ratio))
+    want_terms = np.minimum(ratio * adv, np.clip(ratio, 1 - SPEC_EPS_LOW, 1 + SPEC_EPS_HIGH) * adv)
+    args = [jnp.asarray(x, jnp.float32) for x in (logp, old, adv)]
+    for cfg in (updater.loss_cfg, dipo.LossConfig()):
+        terms, _ = dipo.dipo_token_terms(*args, cfg)
+        np.testing.assert_allclose(np.asarray(terms), want_terms, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{cfg}")
+        loss = dipo.dipo_loss(*args, jnp.asarray(weight, jnp.float32), cfg)
+        assert float(loss) == pytest.approx(-np.sum(weight * want_terms), rel=1e-5), cfg

@@ -104,6 +104,57 @@ def test_dipo_tiny_config_validates():
     assert config.init_from == "runs/sft_tiny" and config.task == "dipo"
 
 
+# The original's RL recipe (paper §3.2 and the released scripts), with where DIRL_SPEC says so.
+PAPER_RL_RECIPE = {
+    "rollout.prompts_per_step": (128, "§2.5 num_task_per_step"),
+    "rollout.group_size": (32, "§4.8 paper: 32 rollouts per prompt"),
+    "rollout.max_new_tokens": (8192, "§4.8 8k length"),
+    "rollout.strategy": ("low_confidence_dynamic", "§2.3 server config"),
+    "rollout.threshold": (0.9, "§2.3"),
+    "rollout.steps": (0, "§2.3 4 denoising steps per block of 4 = the block size"),
+    "rollout.temperature": (1.0, "§2.2"),
+    "rollout.top_k": (50, "§2.2 top_k via extra_body"),
+    "rollout.top_p": (1.0, "§2.2"),
+    "rollout.oversample": (0, "§2.5 m: the original's rule, 2 when k >= 16"),
+    "rollout.max_prompt_tokens": (1024, "§4.1 max_prompt_len"),
+    "rewards.names": (("accuracy",), "§3.3 REWARD_FUNCS=accuracy"),
+    "train.num_steps": (40, "§4.8 40 steps"),
+    "train.learning_rate": (1e-6, "§4.7"),
+    "train.warmup_steps": (10, "§4.7 constant_with_warmup, 10 steps"),
+    "train.schedule": ("constant", "§4.7"),
+    "train.weight_decay": (0.0, "§4.7"),
+    "train.b1": (0.9, "§4.7"),
+    "train.b2": (0.999, "§4.7"),
+    "train.adam_eps": (1e-8, "§4.7"),
+    "train.max_grad_norm": (1.0, "§4.7"),
+    "train.eps_low": (0.2, "§4.5 1 - eps"),
+    "train.eps_high": (0.28, "§4.5 1 + eps + 0.08"),
+    "train.log_ratio_clamp": (10.0, "§4.5 clip(log ratio, ±10)"),
+    "train.advantage": ("zscore", "§3.3 population-std z-score"),
+    "train.kl_beta": (0.0, "§4.8 the scripts set KL=0"),
+    "train.ppo_iterations": (1, "§4.6 num_iterations 1"),
+    "train.dynamic_sampling": (True, "§2.5 DAPO filter"),
+}
+
+
+@pytest.mark.parametrize("field", sorted(PAPER_RL_RECIPE))
+def test_paper_rl_recipe_value(field):
+    config = load_config_file("dipo_sdar8b")
+    section, name = field.split(".")
+    expected, where = PAPER_RL_RECIPE[field]
+    value = config[section][name]
+    assert (tuple(value) if isinstance(expected, tuple) else value) == expected, \
+        f"{field} = {value!r}; the original's is {expected!r} (DIRL_SPEC {where})"
+
+
+def test_paper_rl_recipe_oversamples_as_the_original():
+    from dirl_jax.dipo import oversample_factor
+    config = load_config_file("dipo_sdar8b")
+    r = config.rollout
+    assert oversample_factor(r.oversample, dynamic_sampling=config.train.dynamic_sampling,
+                             group_size=r.group_size, source=config.data.source) == 2
+
+
 def test_paper_rl_recipe_validates_and_traces_abstractly(shared_dir):
     """configs/dipo_sdar8b.py: the paper's numbers, a canvas row that holds any trajectory, and
     one micro-batch gradient of the 8B model traced (shapes only, nothing allocated)."""

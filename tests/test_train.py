@@ -172,7 +172,7 @@ def test_record_encoding_labels_and_block_padding():
 
 def test_packed_rows_have_segments_positions_and_padding():
     tokenizer = toy.toy_tokenizer()
-    records = toy.arithmetic_records(0, 50)
+    records, _ = toy.builtin_split(0, 50, 0, 49)
     examples, _ = sft_data.prepare_examples(records, tokenizer, block_size=4, max_length=128,
                                             overlong="drop")
     batch = next(iter(sft_data.packed_batches(examples, seq_len=128, rows=4, seed=0, pad_id=0)))
@@ -258,6 +258,13 @@ def test_cli_contract_runs_resumes_and_reports(tmp_path):
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["num_examples"] == 4 and isinstance(result["accuracy"], float)
+    low, high = result["accuracy_ci95"]
+    assert 0 <= low <= result["accuracy"] <= high <= 1 and len(result["correct"]) == 4
+    # the evaluated set, exactly: the first 4 held-out problems of the split
+    data = json.loads((run_dir / "config.json").read_text())["data"]
+    _, heldout = toy.builtin_split(data["split_seed"], 0, 4, data["builtin_max_operand"])
+    assert [json.loads(line) for line in (run_dir / "heldout.jsonl").read_text().splitlines()] == \
+        [{"question": r["question"], "answer": r["answer"]} for r in heldout]
     assert (run_dir / "export" / "config.json").is_file()
     assert (run_dir / "export" / "tokenizer_config.json").is_file()
     plot = subprocess.run([sys.executable, "scripts/plot_metrics.py", str(run_dir)], cwd=REPO,
@@ -270,7 +277,7 @@ def test_parquet_and_datasets_directory_sources(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pytest.importorskip("datasets")
     import pyarrow.parquet as pq
-    records = toy.arithmetic_records(1, 5)
+    records, _ = toy.builtin_split(1, 5, 0, 49)
     messages = [r["messages"] for r in records]
     pq.write_table(pa.table({"messages": messages}), tmp_path / "sft.parquet")
     from_parquet = sft_data.read_records(str(tmp_path / "sft.parquet"))
@@ -279,3 +286,76 @@ def test_parquet_and_datasets_directory_sources(tmp_path):
     write_lines(tmp_path / "hf" / "train.jsonl", [json.dumps({"messages": m}) for m in messages])
     from_datasets = sft_data.read_records(str(tmp_path / "hf"), split="train")
     assert [r["messages"] for r in from_datasets] == messages
+
+
+def test_sft_step_loss_is_normalised_by_supervised_not_masked_tokens(seed):
+    """DIRL_SPEC §1.5: the loss of an SFT step is Σ_masked CE/p ÷ N_sup, N_sup counting every
+    labelled token, masked or not. Recomputed in float64 from the logits of a dense-mask forward
+    of DiRL's [noisy | clean] layout (§1.4, mask built here), with the step's noise."""
+    import functools
+
+    from conftest import random_model, tiny_config
+    from dirl_jax import diffusion
+    from dirl_jax.data.sft import IGNORE
+    block, accum, micro, length = 4, 2, 2, 16
+    rows = accum * micro
+    model_config = tiny_config(block_size=block, layers=1)
+    model = random_model(model_config, seed)
+    config = sft_defaults()
+    config.diffusion.update(block_size=block, loss_chunk=8)
+    config.train.update(global_batch=rows, grad_accum=accum)
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, model_config.vocab_size - 1, (rows, length))  # never the mask id
+    labels = np.full((rows, length), IGNORE)
+    positions = np.zeros((rows, length), np.int64)
+    segment_ids = np.full((rows, length), -1)
+    for r in range(rows):  # block-aligned samples (the packer's promise), then padding
+        layout = [(8, 4), (4, 4, 4), (12,), (16,), (4, 8)][rng.integers(5)]
+        start = 0
+        for s, n in enumerate(layout):
+            positions[r, start:start + n] = np.arange(n)
+            segment_ids[r, start:start + n] = s
+            prompt = rng.integers(1, n)
+            labels[r, start + prompt:start + n] = tokens[r, start + prompt:start + n]
+            start += n
+    supervised = labels != IGNORE
+    batch = dict(tokens=tokens, labels=labels, positions=positions, segment_ids=segment_ids)
+    # The step's noise: one key per row of the global batch, split from the step key in row order.
+    noise = jax.jit(functools.partial(diffusion.noise_batch, mask_token_id=model_config.mask_token_id,
+                                      eps=config.diffusion.eps))
+    for attempt in range(100):  # a key that leaves some supervised token unmasked
+        key = jax.random.fold_in(jax.random.key(seed), attempt)
+        noised = jax.device_get(noise(jax.random.split(key, rows), tokens, labels, segment_ids))
+        if 0 < noised.masked.sum() < supervised.sum():
+            break
+    masked, p = np.asarray(noised.masked), np.asarray(noised.p, np.float64)
+    assert not masked[~supervised].any()
+
+    # [noisy | clean], both copies at the same positions; blk = position // B inside a segment.
+    ids = np.concatenate([noised.noisy_tokens, tokens], axis=1)
+    pos2 = np.concatenate([positions, positions], axis=1)
+    seg2 = np.concatenate([segment_ids, segment_ids], axis=1)
+    clean = np.arange(2 * length) >= length
+    q_blk, k_blk = (pos2 // block)[:, :, None], (pos2 // block)[:, None, :]
+    q_clean, k_clean = clean[None, :, None], clean[None, None, :]
+    same = (seg2[:, :, None] == seg2[:, None, :]) & (seg2[:, :, None] >= 0)
+    mask = same & ((~q_clean & ~k_clean & (k_blk == q_blk)) | (~q_clean & k_clean & (k_blk < q_blk))
+                   | (q_clean & k_clean & (k_blk <= q_blk)))
+    mask |= np.eye(2 * length, dtype=bool)[None]  # padding queries see themselves (unused, no NaN)
+    forward = nnx.jit(lambda m, *inputs: m(*inputs, attn_impl="reference"))
+    logits = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(pos2), jnp.asarray(mask)),
+                        np.float64)[:, :length]
+    top = logits.max(-1, keepdims=True)
+    lse = (np.log(np.exp(logits - top).sum(-1, keepdims=True)) + top)[..., 0]
+    ce = lse - np.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    expected = np.sum(np.where(masked, ce / p, 0.0)) / supervised.sum()
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(config.train)
+    step = train_lib.make_train_step(graphdef, tx, config, model_config)
+    shaped = {k: jnp.asarray(v, jnp.int32).reshape(accum, micro, length) for k, v in batch.items()}
+    _, _, metrics = step(params, tx.init(params), shaped, key, 0)
+    assert masked.sum() < supervised.sum()  # ÷ #masked would give another value
+    assert int(metrics["supervised_tokens"]) == supervised.sum()
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics["masked_fraction"]) == pytest.approx(masked.sum() / supervised.sum(), rel=1e-6)

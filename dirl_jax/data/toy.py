@@ -11,6 +11,8 @@ import random
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+BUILTIN_TASK = "builtin:arithmetic"  # data.source of this task
+
 PAD, MASK, IM_START, IM_END = "<|endoftext|>", "<|MASK|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END, MASK)
 CHAT_TEMPLATE = (
@@ -43,21 +45,38 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def arithmetic_problem(rng: random.Random, max_operand: int) -> tuple[str, str, str]:
-    """(question, worked answer, gold answer) for one problem."""
-    template = rng.choice(_TEMPLATES)
-    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+def operand_pairs(max_operand: int) -> list[tuple[int, int]]:
+    """Every unordered operand pair ``(a, b)``, ``a <= b``: the item a problem is about (a + b and
+    b + a are one item, whatever the template)."""
+    return [(a, b) for a in range(max_operand + 1) for b in range(a, max_operand + 1)]
+
+
+def arithmetic_record(rng: random.Random, pair: tuple[int, int]) -> dict:
+    """One problem about ``pair`` (random operand order and template): DiRL's SFT ``messages`` plus
+    ``question`` and gold ``answer``."""
+    a, b = pair if rng.random() < 0.5 else pair[::-1]
+    question = rng.choice(_TEMPLATES).format(a=a, b=b)
     gold = str(a + b)
-    return template.format(a=a, b=b), f"{a}+{b}=\\boxed{{{gold}}}", gold
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": f"{a}+{b}=\\boxed{{{gold}}}"}],
+            "question": question, "answer": gold}
 
 
-def arithmetic_records(seed: int, count: int, max_operand: int = 49) -> list[dict]:
-    """``count`` SFT records in DiRL's format, plus ``question`` and ``answer`` for evaluation."""
+def builtin_split(seed: int, train_size: int, eval_size: int, max_operand: int
+                  ) -> tuple[list[dict], list[dict]]:
+    """The built-in task split by operand pair: ``eval_size`` held-out problems, one for each of
+    ``eval_size`` unordered pairs drawn by ``seed``, and ``train_size`` training problems drawn from
+    the remaining pairs only. No training problem of any task shares a pair with a held-out one,
+    in either order (b + a is the same fact as a + b) or under any template.
+    """
+    pairs = operand_pairs(max_operand)
+    if not 0 <= eval_size < len(pairs):
+        raise ValueError(f"data.builtin_eval_size ({eval_size}) must leave training pairs: "
+                         f"data.builtin_max_operand={max_operand} gives {len(pairs)} operand pairs")
     rng = random.Random(seed)
-    records = []
-    for _ in range(count):
-        question, response, gold = arithmetic_problem(rng, max_operand)
-        records.append({"messages": [{"role": "user", "content": question},
-                                     {"role": "assistant", "content": response}],
-                        "question": question, "answer": gold})
-    return records
+    rng.shuffle(pairs)
+    heldout = [arithmetic_record(rng, pair) for pair in pairs[:eval_size]]
+    train_pairs = pairs[eval_size:]
+    train = [arithmetic_record(rng, rng.choice(train_pairs)) for _ in range(train_size)]
+    return train, heldout
+

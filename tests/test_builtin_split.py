@@ -1,0 +1,80 @@
+"""The built-in task's one split by operand pair: held-out problems share no pair (in either
+order, under any template) with any training record of SFT or any DiPO prompt; DiPO refuses a
+split other than its SFT run's."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from dirl_jax import dipo_train
+from dirl_jax import train as train_lib
+from dirl_jax.config import ConfigValueError, dipo_defaults, sft_defaults
+from dirl_jax.data import toy
+
+
+def pair(question: str) -> tuple[int, int]:
+    """The unordered operand pair of a built-in question, read from its text."""
+    a, b = (int(x) for x in re.findall(r"\d+", question))
+    return min(a, b), max(a, b)
+
+
+@pytest.mark.parametrize("split_seed, max_operand, eval_size", [(0, 99, 500), (7, 19, 100),
+                                                               (3, 49, 400)])
+def test_held_out_pairs_never_appear_in_training(split_seed, max_operand, eval_size):
+    train, heldout = toy.builtin_split(split_seed, 5000, eval_size, max_operand)
+    held_pairs = [pair(r["question"]) for r in heldout]
+    assert len(heldout) == eval_size and len(set(held_pairs)) == eval_size  # one problem per pair
+    train_pairs = {pair(r["question"]) for r in train}
+    assert not train_pairs & set(held_pairs)
+    # the answers are right and the training set covers the rest of the pairs
+    assert all(r["answer"] == str(sum(pair(r["question"]))) for r in train + heldout)
+    assert len(train_pairs) > 0.6 * (len(toy.operand_pairs(max_operand)) - eval_size)
+    again = toy.builtin_split(split_seed, 5000, eval_size, max_operand)
+    assert again == (train, heldout)  # a pure function of its arguments
+
+
+def test_split_depends_on_the_split_seed_not_on_sizes():
+    _, a = toy.builtin_split(0, 100, 50, 99)
+    _, b = toy.builtin_split(0, 3000, 50, 99)
+    _, c = toy.builtin_split(1, 100, 50, 99)
+    assert a == b and {pair(r["question"]) for r in a} != {pair(r["question"]) for r in c}
+
+
+def test_too_many_held_out_pairs_is_refused():
+    with pytest.raises(ValueError, match="data.builtin_eval_size .210. must leave training pairs"):
+        toy.builtin_split(0, 10, 210, 19)  # 19 gives 210 unordered pairs
+
+
+def test_sft_records_and_dipo_prompts_share_no_pair_with_the_held_out_set():
+    sft = sft_defaults()
+    sft.data.update(builtin_train_size=3000, builtin_eval_size=300, builtin_max_operand=49)
+    train, sft_heldout = train_lib.build_records(sft)
+    dipo = dipo_defaults()
+    dipo.data.update(builtin_train_size=3000, builtin_eval_size=300, builtin_max_operand=49)
+    tokenizer = toy.toy_tokenizer()
+    prompts, answers, dipo_heldout = dipo_train.build_prompts(dipo, tokenizer)
+    assert dipo_heldout == sft_heldout  # one split for both tasks
+    held = {pair(r["question"]) for r in sft_heldout}
+    assert not {pair(r["question"]) for r in train} & held
+    questions = [re.search(r"user\n(.*?)<\|im_end\|>", tokenizer.decode(p)).group(1) for p in prompts]
+    assert not {pair(q) for q in questions} & held
+    assert all(a == str(sum(pair(q))) for q, a in zip(questions, answers))
+
+
+def test_dipo_refuses_a_split_other_than_its_sft_runs(tmp_path):
+    sft = sft_defaults()
+    (tmp_path / "config.json").write_text(json.dumps(sft.to_dict()))
+    dipo = dipo_defaults()
+    dipo.init_from = str(tmp_path)
+    dipo_train.check_same_split(dipo)  # the same split: fine
+    for field, value in (("builtin_max_operand", 19), ("split_seed", 1), ("builtin_eval_size", 100)):
+        changed = dipo_defaults()
+        changed.init_from = str(tmp_path)
+        changed.data[field] = value
+        with pytest.raises(ConfigValueError, match=f"config.data.{field}: .* differs from the SFT run's"):
+            dipo_train.check_same_split(changed)
+    changed.data.source = "prompts.jsonl"  # another task: nothing to compare
+    dipo_train.check_same_split(changed)
