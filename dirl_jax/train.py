@@ -112,7 +112,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         keys = jax.random.split(key, batch["tokens"].shape[0] * batch["tokens"].shape[1])
         keys = keys.reshape(batch["tokens"].shape[:2])  # one noise key per row of the global batch
         (grads, ce, supervised, masked), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
-        denominator = jnp.maximum(masked, 1).astype(jnp.float32)
+        denominator = jnp.maximum(supervised, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
