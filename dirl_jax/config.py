@@ -123,7 +123,8 @@ def dipo_defaults() -> ConfigDict:
         engine_options=ConfigDict(dict(   # external engine: e.g. servers="http://h:23333,http://h2:23333",
             servers="", weight_push="",   # weight_push="ipc" | "nccl:HOST:PORT" | "agents:URL,..."
             model_dir=""))))              # the served export (default: init_from's HF directory)
-    config.rewards = ConfigDict(dict(names=("accuracy",), weights=(), grade_timeout=10.0))
+    config.rewards = ConfigDict(dict(names=("accuracy",), weights=(), grade_timeout=10.0,
+                                     latex_fallback=True))  # the original's sympy fallback (rewards.grade)
     config.train = ConfigDict(dict(
         num_steps=50, learning_rate=1e-5, warmup_steps=0, schedule="constant", min_lr_ratio=1.0,
         weight_decay=0.0, decay_norms=False, b1=0.9, b2=0.999, adam_eps=1e-8, max_grad_norm=1.0,
@@ -231,6 +232,7 @@ def eval_defaults() -> ConfigDict:
     config.compute_dtype = "bfloat16"
     config.attention_impl = "auto"
     config.grade_timeout = 10.0
+    config.latex_fallback = True          # the original's sympy fallback next to math-verify
     return config
 
 

@@ -177,7 +177,8 @@ def generate_and_grade(engine: RolloutEngine, prompts: list[list[int]], answers:
     for i, result in zip(mine, results):
         text = tokenizer.decode(result["token_ids"][:result["length"]])
         graded.append(Response(
-            text=text, correct=grade(text, answers[i], timeout=config.rewards.grade_timeout),
+            text=text, correct=grade(text, answers[i], timeout=config.rewards.grade_timeout,
+                                    latex_fallback=config.rewards.latex_fallback),
             num_tokens=result["length"], max_tokens=config.rollout.max_new_tokens,
             truncated=result["finish_reason"] == "length" and not stop_ids & set(result["token_ids"])))
     times["reward_s"] = time.time() - start

@@ -362,9 +362,10 @@ def test_default_clip_range_is_the_originals_asymmetric_one(seed):
     from dirl_jax.config import dipo_defaults
     from dirl_jax.dipo_train import Updater
     from dirl_jax.mesh import make_mesh
+    from dirl_jax.model import abstract_model
     from dirl_jax.optim import make_optimizer
     config = dipo_defaults()
-    graphdef, _ = nnx.split(random_model(tiny_config(block_size=BLOCK), seed), nnx.Param)
+    graphdef, _ = nnx.split(abstract_model(tiny_config(block_size=BLOCK)), nnx.Param)
     updater = Updater(graphdef, make_optimizer(config.train), config,
                       make_mesh((1, 1, 1), jax.devices()[:1]))
     rng = np.random.default_rng(seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import random_model, tiny_config
 from dirl_jax import canvas as canvas_lib
@@ -249,3 +250,80 @@ def test_in_process_engine_samples_from_the_updated_weights(seed):
     assert after != before
     leaves = jax.tree.leaves(nnx.state(engine.model, nnx.Param))
     assert all(a is b for a, b in zip(leaves, jax.tree.leaves(nnx.state(other, nnx.Param))))
+
+
+@nnx.jit
+def dense_forward(model, tokens, positions, mask):
+    return model(tokens, positions, mask, attn_impl="reference")
+
+
+def reference_decode(model, prompts: list[list[int]], *, temperature: float,
+                     confidence_temperature: float, strategy: str, threshold: float,
+                     max_new_tokens: int, mask_token_id: int) -> list[dict]:
+    """DIRL_SPEC §2.3 with top-k 1 proposals (the argmax token at every masked position), one dense
+    block-causal forward of the whole sequence per step (mask built here). A proposal's confidence
+    is ``softmax(logits / confidence_temperature)[token]`` (float64); static commits the most
+    confident masked position of the block, dynamic also every one at or above ``threshold``; a
+    committed token records ``log softmax(logits / temperature)[token]``."""
+    lengths = np.array([len(p) for p in prompts])
+    total = (lengths.max() // BLOCK + -(-max_new_tokens // BLOCK) + 1) * BLOCK
+    tokens = np.full((len(prompts), total), mask_token_id, np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, :len(prompt)] = prompt
+    pos = np.broadcast_to(np.arange(total), tokens.shape)
+    mask = pos[:, None, :] // BLOCK <= pos[:, :, None] // BLOCK  # block-causal, one segment
+
+    def log_softmax(x):
+        top = x.max(-1, keepdims=True)
+        return x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))
+
+    step_map, logprobs = np.zeros_like(tokens), np.zeros(tokens.shape)
+    start, steps = lengths // BLOCK * BLOCK, np.zeros(len(prompts), int)
+    done = np.zeros(len(prompts), bool)
+    while not done.all():
+        logits = np.asarray(dense_forward(model, tokens, pos, mask), np.float64)
+        for i in np.flatnonzero(~done):
+            span = np.arange(start[i], start[i] + BLOCK)
+            free = (span >= lengths[i]) & (step_map[i, span] == 0)
+            block_logits = logits[i, span]
+            proposal = block_logits.argmax(-1)
+            conf = np.exp(log_softmax(block_logits / confidence_temperature)[np.arange(BLOCK), proposal])
+            pick = np.arange(BLOCK) == np.argmax(np.where(free, conf, -np.inf))
+            if strategy == "low_confidence_dynamic":
+                pick |= free & (conf >= threshold)
+            steps[i] += 1
+            tokens[i, span[pick]] = proposal[pick]
+            step_map[i, span[pick]] = steps[i]
+            logprobs[i, span[pick]] = log_softmax(block_logits / temperature)[pick, proposal[pick]]
+            if not (free & ~pick).any():  # block complete: stop at the length limit, else next block
+                done[i] = start[i] + BLOCK - lengths[i] >= max_new_tokens
+                start[i] += 0 if done[i] else BLOCK
+    return [{"token_ids": tokens[i, n:start[i] + BLOCK].tolist(),
+             "step_map": step_map[i, n:start[i] + BLOCK].tolist(),
+             "logprobs": logprobs[i, n:start[i] + BLOCK]} for i, n in enumerate(lengths)]
+
+
+def test_confidence_is_the_temperature_scaled_probability(seed):
+    """DIRL_SPEC §2.3 step 2: the confidence of a proposal is softmax(logits / T)[token], at T = 0.7
+    here. Through the public ``dirl_jax.generate`` with top-k 1, so that every proposal is the
+    argmax token and only the confidences decide which positions each step commits: tokens,
+    step maps and log-probs equal a test-local decoder's (the confidences computed here)."""
+    import dirl_jax
+    strategy, temperature, threshold, max_new = "low_confidence_static", 0.7, 0.5, 12
+    for attempt in range(5):  # a model on which untempered confidences would commit otherwise
+        config, model = peaky_model(seed + 1000 * attempt)
+        prompts = random_prompts(np.random.default_rng(seed + attempt), lengths=(5, 8, 13, 2, 7, 10))
+        kw = dict(temperature=temperature, strategy=strategy, threshold=threshold,
+                  max_new_tokens=max_new, mask_token_id=config.mask_token_id)
+        want = reference_decode(model, prompts, confidence_temperature=temperature, **kw)
+        untempered = reference_decode(model, prompts, confidence_temperature=1.0, **kw)
+        if [w["step_map"] for w in want] != [u["step_map"] for u in untempered]:
+            break
+    else:
+        pytest.fail("no model among 5 where the temperature changes the unmasking order")
+    got = dirl_jax.generate(model, prompts, strategy=strategy, threshold=threshold,
+                            temperature=temperature, top_k=1, max_new_tokens=max_new, seed=seed)
+    for prompt, g, w in zip(prompts, got, want):
+        assert g["token_ids"] == w["token_ids"], prompt
+        assert g["step_map"] == w["step_map"], prompt
+        np.testing.assert_allclose(g["logprobs"], w["logprobs"], atol=1e-5, rtol=0)

@@ -356,6 +356,6 @@ def test_sft_step_loss_is_normalised_by_supervised_not_masked_tokens(seed):
     shaped = {k: jnp.asarray(v, jnp.int32).reshape(accum, micro, length) for k, v in batch.items()}
     _, _, metrics = step(params, tx.init(params), shaped, key, 0)
     assert masked.sum() < supervised.sum()  # ÷ #masked would give another value
-    assert int(metrics["supervised_tokens"]) == supervised.sum()
     assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert int(metrics["supervised_tokens"]) == supervised.sum()
     assert float(metrics["masked_fraction"]) == pytest.approx(masked.sum() / supervised.sum(), rel=1e-6)

@@ -191,13 +191,13 @@ def numbers_equal(predicted: str, gold: str) -> bool:
     return a is not None and a == b
 
 
-def grade_answer(benchmark: str, response: str, gold: str, *,
-                 timeout: float = DEFAULT_TIMEOUT_S) -> tuple[str | None, bool]:
-    """``(extracted answer, correct)``: the last ``\\boxed{}`` graded by math-verify; for "numeric"
+def grade_answer(benchmark: str, response: str, gold: str, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 latex_fallback: bool = True) -> tuple[str | None, bool]:
+    """``(extracted answer, correct)``: the last ``\\boxed{}`` graded by :func:`grade`; for "numeric"
     benchmarks an unboxed response's last number, compared numerically. None if nothing found."""
     spec = benchmark_spec(benchmark)
     boxed = extract_last_boxed(response)
     if boxed is None and spec.grading == "numeric":
         number = last_number(response)
         return number, number is not None and numbers_equal(number, gold)
-    return boxed, grade(response, gold, timeout=timeout)
+    return boxed, grade(response, gold, timeout=timeout, latex_fallback=latex_fallback)

@@ -120,7 +120,8 @@ def grade_record(question: Question, sample: int, result: dict[str, Any], tokeni
     """One per-sample record: the response up to its stop token, graded."""
     response = tokenizer.decode(result["token_ids"][:result["length"]])
     extracted, correct = grade_answer(question.benchmark, response, question.answer,
-                                      timeout=config.grade_timeout)
+                                      timeout=config.grade_timeout,
+                                      latex_fallback=config.latex_fallback)
     return {"benchmark": question.benchmark, "question_id": question.id, "sample": sample,
             "response": response, "extracted": extracted, "gold": question.answer,
             "correct": bool(correct), "length": result["length"],

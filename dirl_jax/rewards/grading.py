@@ -1,10 +1,38 @@
-"""Grading a response against a gold answer with math-verify, under a hard per-call timeout.
+"""Grading a response against a gold answer as the original DiRL does: math-verify OR a LaTeX
+equality fallback, under one hard per-call timeout (DIRL_SPEC §3.1, §8.17, §10 point 5).
 
-math-verify (sympy) can take unbounded time on pathological expressions, and its own timeouts
-rely on signals that only work in a main thread. Every grading call therefore runs in a worker
-process; a call that overruns the timeout is answered ``False`` and the pool is replaced, so one
-bad expression cannot hang training. Unlike the original (DIRL_SPEC §8.17) the gold answer goes in
-math-verify's gold slot.
+A response is correct when the last ``\\boxed{}`` of its text, ``p``, and the gold answer ``g``
+satisfy ``math_verify.verify(parse(g), parse(\\boxed{p}))`` OR the original's fallback
+(:func:`dirl_jax.rewards.latex_equal.latex_equal`: sympy ``parse_latex`` equality, then
+Minerva-normalised strings). A gold answer without "boxed" is wrapped in ``\\boxed{}`` first, as
+in the original's ``equation``.
+
+Versions: math-verify 0.9.0 with latex2sympy2_extended 1.11.0 and sympy 1.14.0
+(constraints.txt); the verdict tables in tests/test_grading_original.py were produced by the
+original code with math-verify 0.8.0, latex2sympy2_extended 1.10.2 and sympy 1.14.0 (the versions
+in the original's pyproject.toml; its orm.py message asks for 0.5.2). sympy's ``parse_latex``
+needs antlr4-python3-runtime 4.11.x, which is pinned. One version effect seen in the tables:
+math-verify 0.9.0 no longer equates ``50\\%`` with ``0.5``, which 0.8.0 did.
+
+Deliberate differences from the original:
+
+* the gold answer goes in math-verify's gold slot; the original passes the model's answer as
+  gold (§8.17). math-verify is not symmetric, so a few verdicts differ;
+* a prediction identical to the gold answer (after stripping) is correct without any parsing;
+* every call runs in a worker process with one hard timeout covering math-verify *and* the
+  fallback (math-verify's own ``timeout_seconds`` gets the same budget); past it, or if the
+  worker dies, the answer counts as wrong and the worker is replaced. The original gives
+  ``verify`` a 30 s signal-based timeout and the fallback none: on ``9^{9^{9^{9}}}`` it gave no
+  verdict within 60 s;
+* an unusable sympy LaTeX parser (wrong ANTLR version) raises ImportError instead of silently
+  disabling the fallback;
+* ``latex_fallback=False`` turns the fallback off. That is what the original's *locked*
+  environment does in effect: its uv.lock pairs sympy 1.14.0 with antlr4-python3-runtime 4.9.3
+  (required by omegaconf 2.3.0), so ``parse_latex`` raises ImportError and the fallback never
+  says "equal".
+
+The original's ``MathAccuracy`` also extracts the last box before calling ``equation``, as we do;
+its truncation rule lives in the reward functions, not here.
 """
 
 from __future__ import annotations
@@ -12,37 +40,70 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import logging
+import math
 import multiprocessing
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 from dirl_jax.rewards.extract import extract_last_boxed
 
 DEFAULT_TIMEOUT_S = 10.0
-STARTUP_TIMEOUT_S = 300.0  # starting a worker and importing math-verify (not charged to a call)
+STARTUP_TIMEOUT_S = 300.0  # starting a worker and loading the graders (not charged to a call)
+# imported once by the fork server that grading workers are forked from
+WORKER_PRELOAD = ("dirl_jax.rewards.grading", "dirl_jax.rewards.latex_equal", "math_verify",
+                  "sympy.parsing.latex._parse_latex_antlr", "sympy.parsing.latex._antlr.latexparser",
+                  "sympy.parsing.latex._antlr.latexlexer")
 _pool: concurrent.futures.ProcessPoolExecutor | None = None
 
 
-def verify_answer(gold: str, predicted: str) -> bool:
-    """math-verify equality of two LaTeX answers (runs in a worker process)."""
+def boxed_gold(gold: str) -> str:
+    """The gold answer as the original hands it to math-verify: wrapped in ``\\boxed{}`` unless
+    it already contains "boxed"."""
+    return gold if "boxed" in gold else f"\\boxed{{{gold}}}"
+
+
+def verify_answer(gold: str, predicted: str, timeout_seconds: int = 5) -> bool:
+    """math-verify equality of two LaTeX answers, gold first (runs in a worker process)."""
     from math_verify import parse, verify
 
-    gold_parsed = parse(gold if "boxed" in gold else f"\\boxed{{{gold}}}")
+    gold_parsed = parse(boxed_gold(gold))
     predicted_parsed = parse(f"\\boxed{{{predicted}}}")
     if not gold_parsed or not predicted_parsed:
         return False
-    return bool(verify(gold_parsed, predicted_parsed))
+    return bool(verify(gold_parsed, predicted_parsed, timeout_seconds=timeout_seconds))
 
 
-def _import_math_verify() -> None:
-    import math_verify  # noqa: F401
+def answers_match(gold: str, predicted: str, latex_fallback: bool = True,
+                  timeout_seconds: int = 30) -> bool:
+    """math-verify OR (with ``latex_fallback``) the original's LaTeX equality, in a worker
+    process. An exception from math-verify means "wrong" without trying the fallback, as in the
+    original."""
+    from dirl_jax.rewards.latex_equal import latex_equal
+
+    try:
+        if verify_answer(gold, predicted, timeout_seconds):
+            return True
+    except Exception:  # noqa: BLE001
+        return False
+    return latex_fallback and latex_equal(f"\\boxed{{{predicted}}}", boxed_gold(gold))
+
+
+def _warm_up_worker() -> None:
+    """Imports math-verify and sympy's LaTeX parser and runs both once, so that a call's timeout
+    only covers the call."""
+    answers_match("1", "1")
+    answers_match("2", "\\text{2 ways}")
 
 
 def _start_pool() -> concurrent.futures.ProcessPoolExecutor:
-    """A one-worker pool whose worker has imported math-verify, so that a call's timeout only
-    covers the call."""
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=1,
-                                                  mp_context=multiprocessing.get_context("spawn"))
-    pool.submit(_import_math_verify).result(timeout=STARTUP_TIMEOUT_S)
+    """A one-worker pool whose worker has loaded the graders. Workers are forked from a
+    single-threaded fork server that has imported them once, so replacing a killed worker takes
+    milliseconds instead of seconds of imports (jax, math-verify, the ANTLR parsers), and the
+    trainer's own threads are never forked."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(WORKER_PRELOAD))  # used when the server first starts
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context)
+    pool.submit(_warm_up_worker).result(timeout=STARTUP_TIMEOUT_S)
     return pool
 
 
@@ -54,7 +115,8 @@ def _shutdown_pool() -> None:
 
 
 def run_with_timeout(fn: Callable[..., Any], *args: Any, timeout: float) -> tuple[bool, Any]:
-    """``(finished, result)`` of ``fn(*args)`` in the worker pool; a timeout kills the pool."""
+    """``(finished, result)`` of ``fn(*args)`` in the worker pool. A timeout, or a worker that
+    dies (e.g. a C stack overflow), gives ``(False, None)`` and a fresh pool next time."""
     global _pool
     if _pool is None:
         _pool = _start_pool()
@@ -62,20 +124,26 @@ def run_with_timeout(fn: Callable[..., Any], *args: Any, timeout: float) -> tupl
     try:
         return True, future.result(timeout=timeout)
     except concurrent.futures.TimeoutError:
-        logging.warning("grading call %s%r exceeded %.1f s; counted as wrong", fn.__name__, args, timeout)
-        for process in list(getattr(_pool, "_processes", {}).values()):
-            process.kill()
-        _pool.shutdown(wait=False, cancel_futures=True)
-        _pool = None
-        return False, None
+        logging.warning("grading call %s%.200r exceeded %.1f s; counted as wrong", fn.__name__, args,
+                        timeout)
+    except BrokenProcessPool:
+        logging.warning("grading call %s%.200r killed its worker; counted as wrong", fn.__name__, args)
+    for process in list(getattr(_pool, "_processes", {}).values()):
+        process.kill()
+    _pool.shutdown(wait=False, cancel_futures=True)
+    _pool = None
+    return False, None
 
 
-def grade(response_text: str, gold_answer: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
-    """Whether the last ``\\boxed{}`` of ``response_text`` equals ``gold_answer`` (math-verify)."""
+def grade(response_text: str, gold_answer: str, *, timeout: float = DEFAULT_TIMEOUT_S,
+          latex_fallback: bool = True) -> bool:
+    """Whether the last ``\\boxed{}`` of ``response_text`` equals ``gold_answer``: math-verify OR
+    (with ``latex_fallback``) the original's LaTeX equality, ``False`` past ``timeout`` seconds."""
     predicted = extract_last_boxed(response_text)
     if predicted is None:
         return False
     if predicted.strip() == gold_answer.strip():
         return True
-    finished, result = run_with_timeout(verify_answer, gold_answer, predicted, timeout=timeout)
+    finished, result = run_with_timeout(answers_match, gold_answer, predicted, latex_fallback,
+                                        max(1, math.ceil(timeout)), timeout=timeout)
     return finished and bool(result)
