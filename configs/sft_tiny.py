@@ -15,7 +15,7 @@ def get_config() -> ConfigDict:
     config.data.builtin_max_operand = 99
     config.model.update(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, block_size=4)
-    config.train.update(num_steps=1500, global_batch=16, grad_accum=1, learning_rate=1.5e-3,
+    config.train.update(num_steps=2500, global_batch=16, grad_accum=1, learning_rate=1.5e-3,
                         warmup_steps=100, schedule="cosine", weight_decay=0.01,
                         compute_dtype="float32", param_dtype="float32")
     config.checkpoint.every_steps = 500

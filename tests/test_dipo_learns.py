@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import string
 
-from conftest import save_toy_chat_model
-from dirl_jax.config import dipo_defaults
 from dirl_jax.data import toy
 from dirl_jax.dipo_train import run_dipo
+from test_dipo_train import tiny_run_config
 
 LOWERCASE = frozenset(string.ascii_lowercase)
 
@@ -37,18 +36,13 @@ def lowercase_fraction(response) -> float:
 
 
 def learning_run_config(tmp_path, seed):
-    save_toy_chat_model(tmp_path / "sft", seed)
-    run = dipo_defaults()
-    run.run_dir = str(tmp_path / "dipo")
-    run.init_from = str(tmp_path / "sft" / "model")
-    run.seed = seed
-    run.data.update(builtin_train_size=200, builtin_eval_size=8)
+    run = tiny_run_config(tmp_path, seed)
     run.rollout.update(prompts_per_step=4, group_size=8, max_new_tokens=16)
-    run.train.update(num_steps=12, canvas_rows=8, row_length=512, learning_rate=1e-2)
+    run.train.update(num_steps=12, canvas_rows=8, row_length=512, learning_rate=1e-2,
+                     dynamic_sampling=True)
     run.rewards.names = ("lowercase",)
     run.checkpoint.every_steps = 1000
     run.eval.num_examples = 0
-    run.export.enabled = False
     return run
 
 

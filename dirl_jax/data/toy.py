@@ -51,14 +51,15 @@ def operand_pairs(max_operand: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(max_operand + 1) for b in range(a, max_operand + 1)]
 
 
-def arithmetic_record(rng: random.Random, pair: tuple[int, int]) -> dict:
+def arithmetic_record(rng: random.Random, pair: tuple[int, int], width: int) -> dict:
     """One problem about ``pair`` (random operand order and template): DiRL's SFT ``messages`` plus
-    ``question`` and gold ``answer``."""
+    ``question`` and gold ``answer``. The worked answer restates the operands zero-padded to
+    ``width`` digits (``07+45=\\boxed{52}``), so digits of equal weight sit at fixed distances."""
     a, b = pair if rng.random() < 0.5 else pair[::-1]
     question = rng.choice(_TEMPLATES).format(a=a, b=b)
     gold = str(a + b)
     return {"messages": [{"role": "user", "content": question},
-                         {"role": "assistant", "content": f"{a}+{b}=\\boxed{{{gold}}}"}],
+                         {"role": "assistant", "content": f"{a:0{width}d}+{b:0{width}d}=\\boxed{{{gold}}}"}],
             "question": question, "answer": gold}
 
 
@@ -75,8 +76,9 @@ def builtin_split(seed: int, train_size: int, eval_size: int, max_operand: int
                          f"data.builtin_max_operand={max_operand} gives {len(pairs)} operand pairs")
     rng = random.Random(seed)
     rng.shuffle(pairs)
-    heldout = [arithmetic_record(rng, pair) for pair in pairs[:eval_size]]
+    width = len(str(max_operand))
+    heldout = [arithmetic_record(rng, pair, width) for pair in pairs[:eval_size]]
     train_pairs = pairs[eval_size:]
-    train = [arithmetic_record(rng, rng.choice(train_pairs)) for _ in range(train_size)]
+    train = [arithmetic_record(rng, rng.choice(train_pairs), width) for _ in range(train_size)]
     return train, heldout
 
