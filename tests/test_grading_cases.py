@@ -152,3 +152,14 @@ def test_only_gsm8k_accepts_an_unboxed_number(name):
 def test_unknown_benchmark():
     with pytest.raises(ValueError, match="unknown benchmark 'gsm9k'; available: math500, gsm8k"):
         grade_answer("gsm9k", r"\boxed{1}", "1")
+
+
+@pytest.mark.parametrize("predicted,gold", [
+    ("050", "50"), ("7", "007"), ("-3", "3"), ("12", "13"), ("0", "-0"), ("100", "1000"),
+    ("123456789012345", "123456789012345"), ("123456789012345", "123456789012346"),
+])
+def test_the_plain_integer_shortcut_gives_the_full_checks_verdict(predicted, gold):
+    """``grade`` compares plain integers itself; math-verify OR the fallback (run here in this
+    process) must say the same."""
+    from dirl_jax.rewards.grading import answers_match
+    assert grade(f"\\boxed{{{predicted}}}", gold) is answers_match(gold, predicted)

@@ -18,7 +18,9 @@ Deliberate differences from the original:
 
 * the gold answer goes in math-verify's gold slot; the original passes the model's answer as
   gold (§8.17). math-verify is not symmetric, so a few verdicts differ;
-* a prediction identical to the gold answer (after stripping) is correct without any parsing;
+* a prediction identical to the gold answer (after stripping) is correct without any parsing,
+  and two plain integers of at most 15 digits are compared by value in the calling process
+  (both checks compare them exactly; tested against the full check);
 * every call runs in a worker process with one hard timeout covering math-verify *and* the
   fallback (math-verify's own ``timeout_seconds`` gets the same budget); past it, or if the
   worker dies, the answer counts as wrong and the worker is replaced. The original gives
@@ -42,12 +44,14 @@ import concurrent.futures
 import logging
 import math
 import multiprocessing
+import re
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 from dirl_jax.rewards.extract import extract_last_boxed
 
 DEFAULT_TIMEOUT_S = 10.0
+PLAIN_INTEGER = re.compile(r"-?\d{1,15}")
 STARTUP_TIMEOUT_S = 300.0  # starting a worker and loading the graders (not charged to a call)
 # imported once by the fork server that grading workers are forked from
 WORKER_PRELOAD = ("dirl_jax.rewards.grading", "dirl_jax.rewards.latex_equal", "math_verify",
@@ -144,6 +148,9 @@ def grade(response_text: str, gold_answer: str, *, timeout: float = DEFAULT_TIME
         return False
     if predicted.strip() == gold_answer.strip():
         return True
+    if PLAIN_INTEGER.fullmatch(predicted.strip()) and PLAIN_INTEGER.fullmatch(gold_answer.strip()):
+        # both checks compare such integers by value (exactly, below 16 digits): no worker needed
+        return int(predicted) == int(gold_answer)
     finished, result = run_with_timeout(answers_match, gold_answer, predicted, latex_fallback,
                                         max(1, math.ceil(timeout)), timeout=timeout)
     return finished and bool(result)
