@@ -75,7 +75,7 @@ def setup(kinds: list[str], *, prompts_per_step: int, oversample: int, rounds: i
 @pytest.fixture(autouse=True)
 def scripted_grader(monkeypatch):
     monkeypatch.setattr(dipo_train, "grade",
-                        lambda text, gold, timeout: extract_last_boxed(text) == gold)
+                        lambda text, gold, **_: extract_last_boxed(text) == gold)
 
 
 def kept_kinds(groups, prompts, kinds) -> list[str]:
