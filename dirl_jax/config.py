@@ -1,13 +1,14 @@
-"""Run configuration: ml_collections defaults and validation (errors name the field)."""
+"""Run configuration: ml_collections defaults and the generic checks of their fields (errors name
+the field). This module is the bottom of the layering and imports nothing from ``dirl_jax``: the
+names an owner defines (attention implementations, unmasking strategies, loss aggregations,
+benchmarks, engines) and the decoding settings are checked by their owners, composed in
+:mod:`dirl_jax.run`."""
 
 from __future__ import annotations
 
-from ml_collections import ConfigDict, config_dict
+from typing import Any
 
-from dirl_jax.attention import IMPLEMENTATIONS
-from dirl_jax.dipo import AGGREGATIONS, worst_case_canvas_tokens
-from dirl_jax.rollout.engine_names import engine_spec_problem
-from dirl_jax.rollout.unmasking import STRATEGIES as UNMASKING_STRATEGIES
+from ml_collections import ConfigDict, config_dict
 
 SCHEDULES = ("cosine", "constant")
 # The built-in task (dirl_jax.data.toy.builtin_split): held-out problems are builtin_eval_size
@@ -26,6 +27,27 @@ def check(ok: bool, field: str, message: str) -> None:
     """Raises ConfigValueError naming ``config.<field>`` unless ``ok``."""
     if not ok:
         raise ConfigValueError(f"config.{field}: {message}")
+
+
+# The decoding settings of every section that samples (DiPO's `rollout`, the built-in `eval`, a
+# benchmark evaluation): the fields of dirl_jax.rollout.sampler.SamplingConfig a run sets, built
+# into one by dirl_jax.run.sampling_config. steps = 0 means the block size.
+DECODING_FIELDS = ("strategy", "steps", "threshold", "max_new_tokens", "temperature", "top_k",
+                   "top_p", "min_new_tokens")
+
+
+def decoding_defaults(**overrides: Any) -> dict[str, Any]:
+    """The decoding fields with their defaults (sampled dynamic decoding at T = 1)."""
+    fields = dict(strategy="low_confidence_dynamic", steps=0, threshold=0.9, max_new_tokens=32,
+                  temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0)
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise KeyError(f"not decoding fields: {sorted(unknown)}")
+    return {**fields, **overrides}
+
+
+# The built-in held-out evaluation: greedy (T = 0) one-token-per-step decoding.
+BUILTIN_EVAL_DECODING = dict(strategy="low_confidence_static", temperature=0.0, max_new_tokens=32)
 
 
 def sft_defaults() -> ConfigDict:
@@ -54,14 +76,15 @@ def sft_defaults() -> ConfigDict:
         b2=0.999, adam_eps=1e-8, max_grad_norm=1.0, compute_dtype="float32",
         param_dtype="float32", log_every=10))
     config.checkpoint = ConfigDict(dict(every_steps=500, keep=2))
-    config.eval = ConfigDict(dict(num_examples=200, max_new_tokens=32, batch_size=100,
-                                  strategy="low_confidence_static", steps=0, threshold=0.9))
+    config.eval = ConfigDict(dict(num_examples=200, batch_size=100,
+                                  **decoding_defaults(**BUILTIN_EVAL_DECODING)))
     config.export = ConfigDict(dict(enabled=True, dtype="bfloat16"))
     return config
 
 
-def validate(config: ConfigDict) -> None:
-    """Raises ConfigValueError naming the first inconsistent field."""
+def check_sft_fields(config: ConfigDict) -> None:
+    """Raises ConfigValueError naming the first inconsistent field of an SFT config (the
+    generic checks; :func:`dirl_jax.run.validate_sft` adds the owners')."""
     t = config.train
     check(config.task == "sft", "task", f"must be 'sft', got {config.task!r}")
     check(bool(config.run_dir), "run_dir", "must be set")
@@ -70,10 +93,6 @@ def validate(config: ConfigDict) -> None:
     check(t.global_batch % t.grad_accum == 0, "train.global_batch",
           f"({t.global_batch}) must be divisible by train.grad_accum ({t.grad_accum})")
     check(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
-    check(config.model.attention_impl in IMPLEMENTATIONS, "model.attention_impl",
-          f"must be one of {IMPLEMENTATIONS}, got {config.model.attention_impl!r}")
-    check(config.eval.strategy in UNMASKING_STRATEGIES, "eval.strategy",
-          f"must be one of {UNMASKING_STRATEGIES}, got {config.eval.strategy!r}")
     check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     for field in ("compute_dtype", "param_dtype"):
         check(t[field] in DTYPES, f"train.{field}", f"must be one of {DTYPES}, got {t[field]!r}")
@@ -113,8 +132,7 @@ def dipo_defaults() -> ConfigDict:
         split="train", prompt_template="",  # "" = DiRL's rollout prompt (builtin: the SFT chat format)
         **BUILTIN_DATA))
     config.rollout = ConfigDict(dict(
-        prompts_per_step=8, group_size=8, strategy="low_confidence_dynamic", steps=0,
-        threshold=0.9, max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
+        prompts_per_step=8, group_size=8, **decoding_defaults(),
         oversample=0,                     # prompts drawn per sampling round = oversample x prompts_per_step;
                                           # 0: the original's rule (dirl_jax.dipo.oversample_factor)
         max_prompt_tokens=0,              # longer prompts are dropped; 0 = keep all
@@ -138,15 +156,15 @@ def dipo_defaults() -> ConfigDict:
         logprob_chunk=1024,               # scored tokens per vocabulary chunk
         max_log_ratio=0.01))              # |log ratio| allowed between sampler and trainer at iteration 0
     config.checkpoint = ConfigDict(dict(every_steps=10, keep=2))
-    config.eval = ConfigDict(dict(num_examples=200, every_steps=10, max_new_tokens=32,
-                                  batch_size=100, strategy="low_confidence_static", steps=0,
-                                  threshold=0.9))
+    config.eval = ConfigDict(dict(num_examples=200, every_steps=10, batch_size=100,
+                                  **decoding_defaults(**BUILTIN_EVAL_DECODING)))
     config.export = ConfigDict(dict(enabled=True, dtype="bfloat16"))
     return config
 
 
-def validate_dipo(config: ConfigDict) -> None:
-    """Raises ConfigValueError naming the first inconsistent field of a DiPO config."""
+def check_dipo_fields(config: ConfigDict) -> None:
+    """Raises ConfigValueError naming the first inconsistent field of a DiPO config (the generic
+    checks; :func:`dirl_jax.run.validate_dipo` adds the owners')."""
     r, t = config.rollout, config.train
     check(config.task == "dipo", "task", f"must be 'dipo', got {config.task!r}")
     check(bool(config.run_dir), "run_dir", "must be set")
@@ -156,18 +174,11 @@ def validate_dipo(config: ConfigDict) -> None:
     check(r.oversample >= 0, "rollout.oversample", f"must be >= 0 (0 = automatic), got {r.oversample}")
     check(r.max_prompt_tokens >= 0, "rollout.max_prompt_tokens", "must be >= 0")
     check(r.group_size > 1, "rollout.group_size", f"must be > 1 (group advantages), got {r.group_size}")
-    check(r.strategy in UNMASKING_STRATEGIES, "rollout.strategy",
-          f"must be one of {UNMASKING_STRATEGIES}, got {r.strategy!r}")
-    check(config.eval.strategy in UNMASKING_STRATEGIES, "eval.strategy",
-          f"must be one of {UNMASKING_STRATEGIES}, got {config.eval.strategy!r}")
     check(t.advantage in ("zscore", "center"), "train.advantage",
           f"must be 'zscore' or 'center', got {t.advantage!r}")
     check(t.ppo_iterations > 0, "train.ppo_iterations", "must be positive")
-    check(t.loss_aggregation in AGGREGATIONS, "train.loss_aggregation",
-          f"must be one of {AGGREGATIONS}, got {t.loss_aggregation!r}")
     check(t.old_logprobs in ("sampler", "trainer"), "train.old_logprobs",
           f"must be 'sampler' or 'trainer', got {t.old_logprobs!r}")
-    check(engine_spec_problem(r.engine) is None, "rollout.engine", engine_spec_problem(r.engine))
     check(r.engine == "jax" or t.old_logprobs == "trainer", "train.old_logprobs",
           "must be 'trainer' with an external rollout engine (LMDeploy returns no dLLM log-probs)")
     check(t.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {t.kl_beta}")
@@ -177,22 +188,8 @@ def validate_dipo(config: ConfigDict) -> None:
     check(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
     check(not config.rewards.weights or len(config.rewards.weights) == len(config.rewards.names),
           "rewards.weights", f"needs one weight per reward in {tuple(config.rewards.names)}")
-    check(config.model.attention_impl in IMPLEMENTATIONS, "model.attention_impl",
-          f"must be one of {IMPLEMENTATIONS}, got {config.model.attention_impl!r}")
     for name in ("compute_dtype", "param_dtype"):
         check(t[name] in DTYPES, f"train.{name}", f"must be one of {DTYPES}, got {t[name]!r}")
-
-
-def check_canvas_fits(config: ConfigDict, block_size: int) -> None:
-    """With a prompt cap, one canvas row must hold any trajectory's single-pass layout
-    (:func:`dirl_jax.dipo.worst_case_canvas_tokens`: one token committed per step)."""
-    r = config.rollout
-    if not r.max_prompt_tokens:
-        return
-    need = worst_case_canvas_tokens(r.max_prompt_tokens, r.max_new_tokens, block_size)
-    check(config.train.row_length >= need, "train.row_length",
-          f"({config.train.row_length}) cannot hold a trajectory of {r.max_prompt_tokens} prompt + "
-          f"{r.max_new_tokens} response tokens decoded one token per step ({need} canvas slots)")
 
 
 # DIRL_SPEC §7.1: the paper's evaluation decoding (block 4, 4 denoising steps per block, T = 1,
@@ -242,27 +239,25 @@ def eval_decoding(config: ConfigDict) -> dict:
     return {k: preset[k] if config.get(k) is None else config[k] for k in preset}
 
 
-def validate_eval(config: ConfigDict) -> None:
-    """Raises ConfigValueError naming the first inconsistent field of an evaluation config."""
-    from dirl_jax.evaluation.benchmarks import BENCHMARKS
+def benchmark_names(config: ConfigDict) -> list[str]:
+    """The comma-separated ``benchmarks`` of an evaluation config."""
+    return [b.strip() for b in config.benchmarks.split(",") if b.strip()]
+
+
+def check_eval_fields(config: ConfigDict) -> None:
+    """Raises ConfigValueError naming the first inconsistent field of an evaluation config (the
+    generic checks; :func:`dirl_jax.run.validate_eval` adds the owners')."""
     check(bool(config.model), "model", "must name a HF SDAR directory, hub id or run directory")
     check(bool(config.output_dir), "output_dir", "must be set")
-    names = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
+    names = benchmark_names(config)
     check(bool(names), "benchmarks", "must name at least one benchmark")
-    unknown = [b for b in names if b not in BENCHMARKS]
-    check(not unknown, "benchmarks", f"unknown {unknown}; available: {', '.join(BENCHMARKS)}")
     check(not config.source or len(names) == 1, "source", "needs exactly one benchmark")
     check(config.decoding in DECODING_PRESETS, "decoding",
           f"must be one of {tuple(DECODING_PRESETS)}, got {config.decoding!r}")
-    decoding = eval_decoding(config)
-    check(decoding["strategy"] in UNMASKING_STRATEGIES, "strategy",
-          f"must be one of {UNMASKING_STRATEGIES}, got {decoding['strategy']!r}")
     check(config.limit >= 0, "limit", f"must be >= 0, got {config.limit}")
     check(config.samples_per_question > 0, "samples_per_question", "must be positive")
     check(config.max_new_tokens > 0, "max_new_tokens", "must be positive")
     check(config.batch_size > 0, "batch_size", "must be positive")
-    check(engine_spec_problem(config.engine) is None, "engine", engine_spec_problem(config.engine))
     check(config.compute_dtype in DTYPES, "compute_dtype",
           f"must be one of {DTYPES}, got {config.compute_dtype!r}")
-    check(config.attention_impl in IMPLEMENTATIONS, "attention_impl",
-          f"must be one of {IMPLEMENTATIONS}, got {config.attention_impl!r}")
+

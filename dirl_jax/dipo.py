@@ -214,14 +214,20 @@ class LossConfig:
     log_ratio_clamp: float = 10.0
     beta: float = 0.0  # k3 KL weight to the frozen reference
 
+    def clip_ratio(self, ratio: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The clip rule, written only here: ``ratio`` clipped to ``[1 - ε_low, 1 + ε_high]`` (for
+        the surrogate) and where that clip applies (for the clip-fraction statistic)."""
+        low, high = 1 - self.eps_low, 1 + self.eps_high
+        return jnp.clip(ratio, low, high), (ratio < low) | (ratio > high)
+
 
 def dipo_token_terms(logp: jax.Array, logp_old: jax.Array, advantage: jax.Array,
                      cfg: LossConfig, logp_ref: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Per-token surrogate ``min(ρA, clip(ρ)A)`` and k3 KL (zeros without a reference)."""
     c = cfg.log_ratio_clamp
     ratio = jnp.exp(jnp.clip(logp - logp_old, -c, c))
-    clipped = jnp.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
-    surrogate = jnp.minimum(ratio * advantage, clipped * advantage)
+    bounded, _ = cfg.clip_ratio(ratio)
+    surrogate = jnp.minimum(ratio * advantage, bounded * advantage)
     if logp_ref is None:
         return surrogate, jnp.zeros_like(surrogate)
     return surrogate, k3_kl(logp, logp_ref, c)
@@ -341,7 +347,7 @@ def dipo_objective(model, batch: dict[str, jax.Array], cfg: LossConfig, *, tempe
                      batch.get("ref_logp"))
     log_ratio = jnp.where(mask > 0, logp - batch["old_logp"], 0.0)
     ratio = jnp.exp(log_ratio)
-    clipped = (ratio < 1 - cfg.eps_low) | (ratio > 1 + cfg.eps_high)
+    _, clipped = cfg.clip_ratio(ratio)
     stats = {"log_ratio_abs_max": jnp.max(jnp.abs(log_ratio)),
              "ratio_sum": jnp.sum(mask * ratio),
              "clipped_sum": jnp.sum(mask * clipped),

@@ -242,16 +242,20 @@ def _start(info: DistributedInfo, local_device_ids: Sequence[int] | None) -> Dis
     return info
 
 
-_COORDINATOR = flags.DEFINE_string("coordinator", None,
-                                   "HOST:PORT of process 0 of a multi-host run (default: detected)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run (default: detected)")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (default: detected)")
+def define_flags() -> None:
+    """Defines ``--coordinator --num_processes --process_id`` (the command lines call it before
+    parsing; nothing is defined on import)."""
+    flags.DEFINE_string("coordinator", None,
+                        "HOST:PORT of process 0 of a multi-host run (default: detected)")
+    flags.DEFINE_integer("num_processes", None, "processes in the run (default: detected)")
+    flags.DEFINE_integer("process_id", None, "this process's index (default: detected)")
 
 
 def initialize_from_flags() -> DistributedInfo:
-    """:func:`initialize` with the ``--coordinator --num_processes --process_id`` flags of the
-    ``python -m dirl_jax.train`` / ``dirl_jax.evaluate`` command lines."""
-    return initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    """:func:`initialize` with the flags of :func:`define_flags` (``python -m dirl_jax.train`` /
+    ``dirl_jax.evaluate`` command lines)."""
+    f = flags.FLAGS
+    return initialize(f.coordinator, f.num_processes, f.process_id)
 
 
 def allgather_objects(value: Any) -> list[Any]:

@@ -1,6 +1,6 @@
 """The device mesh of a run: ``data x fsdp x tensor`` over every device of every process.
 
-Parameters are sharded by their logical axes (:mod:`dirl_jax.model.sharding`: the hidden dimension
+Parameters are sharded by their logical axes (:mod:`dirl_jax.sharding`: the hidden dimension
 over ``fsdp``, heads / MLP / vocabulary over ``tensor``); batches are sharded over
 ``data x fsdp`` by rows. The same config runs on one device, on several, and on many hosts: a mesh
 axis of size 1 shards nothing. Every size is checked against the model and the batch before
@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 
 from dirl_jax.config import check
 from dirl_jax.model import SDARConfig
-from dirl_jax.model.sharding import DEFAULT_RULES, named_shardings, rules_for_mesh
+from dirl_jax.sharding import DEFAULT_RULES, named_shardings, rules_for_mesh
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = dict(DEFAULT_RULES)["batch"]  # rows of a batch

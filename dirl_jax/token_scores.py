@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dirl_jax.model.sharding import constrain
+from dirl_jax.sharding import constrain
 
 
 def chunked_token_scores(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array,

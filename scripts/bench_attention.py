@@ -26,7 +26,7 @@ import numpy as np
 
 from dirl_jax import canvas as canvas_lib
 from dirl_jax.attention import DEFAULT_TILES, attention, resolve_impl
-from dirl_jax.attention import tiles
+from dirl_jax.attention import schedule as schedule_lib
 
 PLATFORM_IMPLS = {"cpu": ["reference", "tiled", "flex_torch"], "gpu": ["reference", "tiled", "pallas_gpu"],
                   "tpu": ["reference", "tiled", "splash"]}
@@ -40,7 +40,7 @@ def two_stream(n: int, block_size: int) -> canvas_lib.Canvas:
 
 
 def nonempty_fraction(canvas: canvas_lib.Canvas, tile: tuple[int, int]) -> float:
-    table = np.asarray(tiles.tile_schedule(canvas, q_tile=tile[0], kv_tile=tile[1]).table)
+    table = np.asarray(schedule_lib.tile_schedule(canvas, q_tile=tile[0], kv_tile=tile[1]).table)
     return float((table != canvas_lib.TILE_EMPTY).mean())
 
 

@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 import benchlib
-import jax
 import numpy as np
 from bench_train_step import CONFIGS, model_config
 from flax import nnx

@@ -14,7 +14,6 @@ steps after one warm-up step.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import time

@@ -56,9 +56,7 @@ def main() -> None:
     prompts = [tokenizer.encode(render_prompt(q), add_special_tokens=False) for q in QUESTIONS]
     local = InProcessEngine(model, pad_token_id=tokenizer.pad_token_id or 0)
     pusher = IPCWeightPusher(args.server, parameter_shapes(model), devices=("cuda:0",))
-    server = LMDeployEngine(args.server, tokenizer=tokenizer, block_size=config.block_size,
-                            strategy=args.strategy, threshold=args.threshold, denoising_steps=None,
-                            weight_pusher=pusher)
+    server = LMDeployEngine(args.server, tokenizer=tokenizer, served=sampling, weight_pusher=pusher)
 
     graphdef, original = nnx.split(model, nnx.Param)
     first = server.generate(prompts, sampling, seed=0)

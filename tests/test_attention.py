@@ -9,7 +9,8 @@ import pytest
 from canvases import multi_stream, random_qkv
 
 from dirl_jax import canvas as canvas_lib
-from dirl_jax.attention import attention, reference_attention, resolve_impl, tiles
+from dirl_jax.attention import attention, reference_attention, resolve_impl
+from dirl_jax.attention import schedule as schedule_lib
 
 
 def numpy_attention(q, k, v, mask):
@@ -122,7 +123,7 @@ def test_tiled_rows_that_see_nothing_are_zero_with_zero_gradient(seed):
 def test_tile_schedule_lists_exactly_the_nonempty_tiles(seed):
     rng = np.random.default_rng(seed)
     canvas = multi_stream(rng, batch=3, length=96, block_size=2, rounds=2)
-    schedule = tiles.tile_schedule(canvas, q_tile=16, kv_tile=8)
+    schedule = schedule_lib.tile_schedule(canvas, q_tile=16, kv_tile=8)
     dense = np.asarray(canvas_lib.dense_mask(canvas)).reshape(3, 6, 16, 12, 8)
     nonempty = dense.any(axis=(2, 4))
     for lists, table in ((schedule.kv_of_q, nonempty), (schedule.q_of_kv, nonempty.transpose(0, 2, 1))):

@@ -13,7 +13,7 @@ import pytest
 
 from canvases import multi_stream, random_qkv
 from dirl_jax import canvas as canvas_lib
-from dirl_jax.attention import tiles
+from dirl_jax.attention import schedule as schedule_lib
 from dirl_jax.attention.pallas_gpu import pallas_gpu_attention
 from dirl_jax.attention.reference import reference_attention
 from dirl_jax.canvas import Canvas
@@ -28,9 +28,9 @@ def kernel_and_reference(q_canvas: Canvas, kv_canvas: Canvas, q_tile: int, kv_ti
     """Jitted ``(q, k, v, d_out) -> (out, (dq, dk, dv))`` for the kernel and the reference."""
 
     def kernel(q, k, v):
-        schedule = tiles.tile_schedule(q_canvas, kv_canvas, q_tile=q_tile, kv_tile=kv_tile)
-        return pallas_gpu_attention(q, k, v, schedule, tiles.canvas_tags(q_canvas),
-                                    tiles.canvas_tags(kv_canvas), scale=scale, interpret=True)
+        schedule = schedule_lib.tile_schedule(q_canvas, kv_canvas, q_tile=q_tile, kv_tile=kv_tile)
+        return pallas_gpu_attention(q, k, v, schedule, schedule_lib.canvas_tags(q_canvas),
+                                    schedule_lib.canvas_tags(kv_canvas), scale=scale, interpret=True)
 
     def reference(q, k, v):
         return reference_attention(q, k, v, canvas_lib.dense_mask(q_canvas, kv_canvas), scale=scale)
@@ -89,7 +89,7 @@ def test_full_partial_and_empty_tiles(seed):
     positions = np.concatenate([np.arange(first), np.arange(length - first)])[None]
     segments = (np.arange(length) >= first).astype(np.int32)[None]
     canvas = canvas_lib.block_causal_canvas(positions, positions, segments, block_size=8)
-    table = np.asarray(tiles.tile_schedule(canvas, q_tile=16, kv_tile=16).table)
+    table = np.asarray(schedule_lib.tile_schedule(canvas, q_tile=16, kv_tile=16).table)
     assert {canvas_lib.TILE_EMPTY, canvas_lib.TILE_PARTIAL, canvas_lib.TILE_FULL} <= set(table.flat)
     kernel, reference = kernel_and_reference(canvas, canvas, 16, 16)
     inputs = random_inputs(rng, canvas, canvas, 2, 1, 16)
@@ -126,7 +126,7 @@ def test_rows_without_visible_keys_and_empty_tiles(seed):
     would poison the result otherwise)."""
     rng = np.random.default_rng(seed)
     tile = 16
-    canvas = tiles.pad_canvas(multi_stream(rng, batch=2, length=64, block_size=2, rounds=1),
+    canvas = schedule_lib.pad_canvas(multi_stream(rng, batch=2, length=64, block_size=2, rounds=1),
                               64 + tile)
     q, k, v, d_out = random_inputs(rng, canvas, canvas, 2, 1, 16)
     kernel, reference = kernel_and_reference(canvas, canvas, tile, tile)
@@ -144,8 +144,8 @@ def test_rows_without_visible_keys_and_empty_tiles(seed):
 def test_rejects_bad_inputs(problem):
     canvas = multi_stream(np.random.default_rng(0), batch=1, length=64, block_size=4, rounds=1)
     q, k, v = (jnp.asarray(x) for x in random_qkv(np.random.default_rng(0), 1, 64, 64, 2, 2, 16))
-    tags = tiles.canvas_tags(canvas)
-    schedule = tiles.tile_schedule(canvas, q_tile=8 if problem == "tile" else 16, kv_tile=16)
+    tags = schedule_lib.canvas_tags(canvas)
+    schedule = schedule_lib.tile_schedule(canvas, q_tile=8 if problem == "tile" else 16, kv_tile=16)
     if problem == "length":
         q = q[:, :40]
     if problem == "dtype":
@@ -164,8 +164,8 @@ def test_lowers_to_triton_for_cuda(head_dim):
     def attend(q, k, v, segment_ids, stream_ids, block_ids):
         canvas = Canvas(tokens=segment_ids, positions=block_ids, segment_ids=segment_ids,
                         stream_ids=stream_ids, block_ids=block_ids)
-        schedule = tiles.tile_schedule(canvas, q_tile=64, kv_tile=64)
-        tags = tiles.canvas_tags(canvas)
+        schedule = schedule_lib.tile_schedule(canvas, q_tile=64, kv_tile=64)
+        tags = schedule_lib.canvas_tags(canvas)
         return pallas_gpu_attention(q, k, v, schedule, tags, tags)
 
     def loss(q, k, v, *tags):

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from dirl_jax.data.sft import DataError
+from dirl_jax.data.records import DataError
 from dirl_jax.evaluation import BENCHMARKS, Question, load_benchmark
 
 

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from dirl_jax import dipo_train
-from dirl_jax import train as train_lib
+from dirl_jax import run as run_lib
+from dirl_jax.trainers import dipo as dipo_train
 from dirl_jax.config import ConfigValueError, dipo_defaults, sft_defaults
 from dirl_jax.data import toy
 
@@ -51,11 +51,11 @@ def test_too_many_held_out_pairs_is_refused():
 def test_sft_records_and_dipo_prompts_share_no_pair_with_the_held_out_set():
     sft = sft_defaults()
     sft.data.update(builtin_train_size=3000, builtin_eval_size=300, builtin_max_operand=49)
-    train, sft_heldout = train_lib.build_records(sft)
+    train, sft_heldout = run_lib.sft_records(sft)
     dipo = dipo_defaults()
     dipo.data.update(builtin_train_size=3000, builtin_eval_size=300, builtin_max_operand=49)
     tokenizer = toy.toy_tokenizer()
-    prompts, answers, dipo_heldout = dipo_train.build_prompts(dipo, tokenizer)
+    prompts, answers, dipo_heldout = run_lib.rl_prompts(dipo, tokenizer)
     assert dipo_heldout == sft_heldout  # one split for both tasks
     held = {pair(r["question"]) for r in sft_heldout}
     assert not {pair(r["question"]) for r in train} & held

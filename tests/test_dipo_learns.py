@@ -1,6 +1,6 @@
 """The DiPO loop learns, in CI (issue 15 point 7).
 
-The full online loop (:func:`dirl_jax.dipo_train.run_dipo`: in-process JAX engine rollouts,
+The full online loop (:func:`dirl_jax.trainers.dipo.run_dipo`: in-process JAX engine rollouts,
 dynamic sampling, the packed multi-round canvas and the clipped-surrogate AdamW update) on a tiny
 random model must raise the mean reward of a task that is quick to learn: the fraction of
 lowercase ASCII letters in the response (about a quarter at random init, since the toy tokenizer
@@ -21,7 +21,7 @@ import json
 import string
 
 from dirl_jax.data import toy
-from dirl_jax.dipo_train import run_dipo
+from dirl_jax.trainers.dipo import run_dipo
 from test_dipo_train import tiny_run_config
 
 LOWERCASE = frozenset(string.ascii_lowercase)

@@ -16,7 +16,7 @@ from test_dipo_train import tiny_run_config
 from test_lmdeploy_client import Double, Host
 from test_weight_push import RecordingPusher, running_agent
 from dirl_jax.config import ConfigValueError
-from dirl_jax.dipo_train import run_dipo
+from dirl_jax.trainers.dipo import run_dipo
 from dirl_jax.model import load_model, parameter_shapes
 from torch_bridge import agent as agent_lib
 from torch_bridge.state_dict import to_torch_state_dict

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from conftest import REPO, save_toy_chat_model
-from dirl_jax.config import ConfigValueError, check_canvas_fits, dipo_defaults, validate_dipo
-from dirl_jax.dipo_train import Updater, run_dipo
+from dirl_jax.config import ConfigValueError, dipo_defaults
+from dirl_jax.run import validate_dipo
+from dirl_jax.trainers.dipo import Updater, check_canvas_fits, run_dipo
 
 
 def tiny_run_config(tmp_path, seed):

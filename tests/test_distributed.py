@@ -1,5 +1,5 @@
 """Scale-out pieces: dirl_jax.distributed (environment detection, initialize), the mesh planner
-(dirl_jax.mesh_plan, scripts/plan_mesh.py) and the TPU-pod / SLURM launch scripts."""
+(scripts/mesh_plan.py, scripts/plan_mesh.py) and the TPU-pod / SLURM launch scripts."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from dirl_jax import canvas, distributed, mesh_plan
+from dirl_jax import canvas, distributed
 from dirl_jax.distributed import DistributedInfo, detect_environment, parse_slurm_nodelist, resolve
 from dirl_jax.model import SDARConfig, abstract_model, parameter_shapes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import mesh_plan  # noqa: E402  (scripts/mesh_plan.py: the planner behind scripts/plan_mesh.py)
+
 CLUSTER_VARS = ("DIRL_COORDINATOR", "DIRL_NUM_PROCESSES", "DIRL_PROCESS_ID", "DIRL_COORDINATOR_PORT",
                 "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NODELIST",
                 "SLURM_JOB_NODELIST", "SLURM_LOCALID", *distributed.TPU_ENV_HINTS,
@@ -214,7 +217,7 @@ def test_visible_pairs_match_the_two_stream_mask():
 
 def test_memory_decreases_with_fsdp_and_remat():
     config, workload = mesh_plan.SDAR_MODELS["SDAR-8B"], mesh_plan.Workload()
-    totals = [mesh_plan.memory_per_device(config, workload, mesh_plan.Mesh(256 // f, f, 1)).total
+    totals = [mesh_plan.memory_per_device(config, workload, mesh_plan.MeshShape(256 // f, f, 1)).total
               for f in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
     assert all(a > b for a, b in zip(totals, totals[1:]))
     remat = mesh_plan.activation_bytes_per_row(config, 16384, 1, remat=True)

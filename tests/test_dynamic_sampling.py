@@ -1,4 +1,4 @@
-"""DAPO dynamic sampling through ``dipo_train.collect_groups`` itself, with a scripted engine and
+"""DAPO dynamic sampling through ``dirl_jax.trainers.dipo.collect_groups`` itself, with a scripted engine and
 grader: groups are kept iff their rewards (truncation zeroed) differ, refill rounds, the round
 bound and its warning, the seeded truncation, and identical decisions on every host."""
 
@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from dirl_jax import dipo_train
+from dirl_jax.trainers import dipo as dipo_train
 from dirl_jax.config import dipo_defaults
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data import toy
@@ -137,7 +137,7 @@ def test_round_bound_and_its_warning(caplog):
     kinds = ["all_right", "all_wrong", "right_only_when_truncated", "all_right"]
     engine, stream, prompts, answers, tok, sampling, config = setup(
         kinds, prompts_per_step=2, oversample=2, rounds=3)
-    with caplog.at_level(logging.WARNING, logger="dirl_jax.dipo_train"):
+    with caplog.at_level(logging.WARNING, logger="dirl_jax.trainers.dipo"):
         groups, stats = dipo_train.collect_groups(engine, stream, prompts, answers, tok, sampling,
                                                   config, step=4)
     assert groups == [] and stats["groups_kept"] == 0

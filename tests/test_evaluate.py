@@ -116,7 +116,8 @@ def test_bad_eval_config_names_the_field(tiny_model_dir, tmp_path):
 def test_paper_evaluation_config_validates():
     import importlib.util
 
-    from dirl_jax.config import eval_decoding, validate_eval
+    from dirl_jax.config import eval_decoding
+    from dirl_jax.evaluation.runner import validate_eval
     spec = importlib.util.spec_from_file_location("eval_sdar8b", REPO / "configs" / "eval_sdar8b.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

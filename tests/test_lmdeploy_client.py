@@ -161,9 +161,8 @@ def closed_port_url() -> str:
 
 
 def engine(servers, **kw: Any) -> LMDeployEngine:
-    base = dict(tokenizer=TOKENIZER, model_name="sdar", block_size=BLOCK, strategy="low_confidence_dynamic",
-                threshold=0.9, denoising_steps=None, request_batch=2, concurrency=4, timeout_s=5,
-                retries=2, backoff_s=0.01)
+    base = dict(tokenizer=TOKENIZER, model_name="sdar", served=sampling(), request_batch=2,
+                concurrency=4, timeout_s=5, retries=2, backoff_s=0.01)
     return LMDeployEngine(servers, **{**base, **kw})
 
 
@@ -335,7 +334,7 @@ def test_sampling_config_must_match_server_flags(kw, message):
 
 
 def test_static_strategy_compares_denoising_steps():
-    client = engine([closed_port_url()], strategy="low_confidence_static", denoising_steps=2)
+    client = engine([closed_port_url()], served=sampling(strategy="low_confidence_static", steps=2))
     client.check_sampling(sampling(strategy="low_confidence_static", steps=2, threshold=0.1))
     with pytest.raises(ValueError, match="denoising steps 4"):
         client.check_sampling(sampling(strategy="low_confidence_static"))

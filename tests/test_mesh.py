@@ -13,7 +13,8 @@ from flax import nnx
 
 from conftest import train_cli
 from dirl_jax import mesh as mesh_lib
-from dirl_jax import train as train_lib
+from dirl_jax import run as run_lib
+from dirl_jax.trainers import sft as sft_trainer
 from dirl_jax.config import ConfigValueError, sft_defaults
 from dirl_jax.data import sft as sft_data
 from dirl_jax.optim import make_optimizer
@@ -32,14 +33,14 @@ def small_config():
 
 
 def one_update(config, shape, devices, local_batch, seed):
-    tokenizer = train_lib.build_tokenizer(config)
-    model_config = train_lib.build_model_config(config, tokenizer)
+    tokenizer = run_lib.build_tokenizer(config)
+    model_config = run_lib.build_model_config(config, tokenizer)
     mesh = mesh_lib.make_mesh(shape, devices)
-    model = train_lib.build_model(config, model_config, mesh)
+    model = run_lib.build_model(config, model_config, mesh)
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(config.train)
     opt_state = mesh_lib.on_mesh(tx.init(params), mesh)
-    step = train_lib.make_train_step(graphdef, tx, config, model_config)
+    step = sft_trainer.make_train_step(graphdef, tx, config, model_config)
     batch = mesh_lib.global_batch({k: v[None] for k, v in local_batch.items()}, mesh, row_axis=1)
     new_params, _, metrics = step(params, opt_state, batch, jax.random.key(seed), 0)
     return params, jax.device_get(new_params), jax.device_get(metrics)
@@ -47,8 +48,8 @@ def one_update(config, shape, devices, local_batch, seed):
 
 def test_data_fsdp_and_tensor_meshes_give_the_single_device_update(seed):
     config = small_config()
-    tokenizer = train_lib.build_tokenizer(config)
-    records, _ = train_lib.build_records(config)
+    tokenizer = run_lib.build_tokenizer(config)
+    records, _ = run_lib.sft_records(config)
     examples, _ = sft_data.prepare_examples(records, tokenizer, block_size=4, max_length=64,
                                             overlong="drop")
     batch = next(iter(sft_data.packed_batches(examples, seq_len=64, rows=8, seed=seed, pad_id=0)))
@@ -80,7 +81,7 @@ def test_invalid_meshes_are_refused_before_compiling(tmp_path, mesh, match):
     config.train.update(global_batch=8, grad_accum=2)
     config.mesh.update(**mesh)
     with pytest.raises(ConfigValueError, match=match):
-        train_lib.run_sft(config)
+        sft_trainer.run_sft(config)
     assert not (tmp_path / "run").exists()  # nothing written
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from dirl_jax.data.rl import (DEFAULT_TEMPLATE, PromptRecord, load_prompt_records, prompt_batches,
                               prompt_records, render_prompt)
-from dirl_jax.data.sft import DataError
+from dirl_jax.data.records import DataError
 
 
 def test_records_in_every_accepted_format(tmp_path, shared_dir):

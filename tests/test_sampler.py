@@ -8,8 +8,8 @@ from flax import nnx
 
 from conftest import random_model, tiny_config
 from dirl_jax import canvas as canvas_lib
-from dirl_jax.naive_decoder import naive_generate
 from dirl_jax.rollout.sampler import SamplingConfig, decode_prompts
+from naive_decoder import naive_generate
 
 BLOCK = 4
 STOP = 7

@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
 
 from conftest import REPO, free_port, random_model, tiny_config
-from dirl_jax import train as train_lib
+from dirl_jax.trainers import sft as sft_trainer
 from dirl_jax.checkpoint import restore_params
 from dirl_jax.config import sft_defaults
 from dirl_jax.model import SDARConfig, abstract_model, load_model, parameter_shapes
@@ -84,7 +84,7 @@ def run_dir(tmp_path_factory) -> pathlib.Path:
     config.checkpoint.update(every_steps=1, keep=3)
     config.eval.num_examples = 0
     config.export.dtype = "float32"
-    train_lib.run_sft(config)
+    sft_trainer.run_sft(config)
     return pathlib.Path(config.run_dir)
 
 

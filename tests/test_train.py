@@ -17,9 +17,12 @@ from safetensors.numpy import load_file
 
 from conftest import REPO
 from dirl_jax import mesh as mesh_lib
-from dirl_jax import train as train_lib
-from dirl_jax.config import ConfigValueError, sft_defaults, validate
+from dirl_jax import run as run_lib
+from dirl_jax.trainers import sft as sft_trainer
+from dirl_jax.config import ConfigValueError, check_model_block_size, sft_defaults
+from dirl_jax.run import validate_sft as validate
 from dirl_jax.data import sft as sft_data
+from dirl_jax.data.records import DataError, read_records
 from dirl_jax.data import toy
 from dirl_jax.model import SDARConfig, abstract_model
 from dirl_jax.optim import make_optimizer
@@ -44,7 +47,7 @@ def tiny_run_config(run_dir, **train_overrides):
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, seed):
     tokenizer = toy.toy_tokenizer()
     config = tiny_run_config(tmp_path)
-    records, _ = train_lib.build_records(config)
+    records, _ = run_lib.sft_records(config)
     examples, _ = sft_data.prepare_examples(records, tokenizer, block_size=4, max_length=96,
                                             overlong="drop")
     batch = next(iter(sft_data.packed_batches(examples, seq_len=96, rows=8, seed=seed, pad_id=0)))
@@ -54,11 +57,11 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, seed):
     results = []
     for accum in (1, 4):
         config.train.update(global_batch=8, grad_accum=accum)
-        model_config = train_lib.build_model_config(config, tokenizer)
-        model = train_lib.build_model(config, model_config, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
+        model_config = run_lib.build_model_config(config, tokenizer)
+        model = run_lib.build_model(config, model_config, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
         graphdef, params = nnx.split(model, nnx.Param)
         tx = make_optimizer(config.train)
-        step = train_lib.make_train_step(graphdef, tx, config, model_config)
+        step = sft_trainer.make_train_step(graphdef, tx, config, model_config)
         shaped = {k: jnp.asarray(v).reshape(accum, 8 // accum, -1) for k, v in batch.items()}
         new_params, _, metrics = step(params, tx.init(params), shaped, jax.random.key(seed), 0)
         results.append((jax.device_get(new_params), jax.device_get(metrics)))
@@ -75,12 +78,12 @@ def read_metrics(run_dir: pathlib.Path) -> list[dict]:
 
 def test_resume_is_bit_exact(tmp_path):
     straight = tiny_run_config(tmp_path / "straight")
-    train_lib.run_sft(straight)
+    sft_trainer.run_sft(straight)
     resumed = tiny_run_config(tmp_path / "resumed")
     resumed.train.num_steps = 3
-    train_lib.run_sft(resumed)
+    sft_trainer.run_sft(resumed)
     resumed.train.num_steps = 6
-    train_lib.run_sft(resumed)
+    sft_trainer.run_sft(resumed)
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
@@ -99,19 +102,19 @@ def test_resume_is_bit_exact(tmp_path):
 
 def test_interrupted_save_and_init_from_export(tmp_path):
     config = tiny_run_config(tmp_path / "run", num_steps=3)
-    train_lib.run_sft(config)
+    sft_trainer.run_sft(config)
     # A save that crashed half-way leaves an uncommitted temporary directory: it is ignored.
     junk = tmp_path / "run" / "checkpoints" / "6.orbax-checkpoint-tmp-1234"
     junk.mkdir()
     (junk / "partial").write_text("x")
     config.train.num_steps = 4
-    train_lib.run_sft(config)
+    sft_trainer.run_sft(config)
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
     # A new run initialised from the exported HF directory, with bf16 compute over fp32 weights.
     follow = tiny_run_config(tmp_path / "follow", num_steps=1, compute_dtype="bfloat16")
     follow.init_from = str(tmp_path / "run" / "export")
     follow.tokenizer = ""
-    train_lib.run_sft(follow)
+    sft_trainer.run_sft(follow)
     assert np.isfinite(read_metrics(tmp_path / "follow")[0]["loss"])
 
 
@@ -127,12 +130,12 @@ GOOD = json.dumps({"messages": [{"role": "user", "content": "1+1?"},
 
 @pytest.mark.parametrize("lines,error,message", [
     (None, FileNotFoundError, "dataset file not found"),
-    ([GOOD, "{oops", GOOD], sft_data.DataError, r"data\.jsonl:2: malformed JSON line"),
-    ([json.dumps({"messages": [{"role": "robot", "content": "hi"}]})], sft_data.DataError,
+    ([GOOD, "{oops", GOOD], DataError, r"data\.jsonl:2: malformed JSON line"),
+    ([json.dumps({"messages": [{"role": "robot", "content": "hi"}]})], DataError,
      r"record 0: messages\[0\] has unknown role 'robot'"),
     ([json.dumps({"messages": [{"role": "user", "content": "x" * 200},
                                {"role": "assistant", "content": "y"}]})],
-     sft_data.DataError, "no examples left after filtering .*1 longer than data.max_length=96 dropped"),
+     DataError, "no examples left after filtering .*1 longer than data.max_length=96 dropped"),
 ])
 def test_bad_inputs_fail_before_the_run_directory_is_made(tmp_path, lines, error, message):
     source = tmp_path / "data.jsonl"
@@ -141,7 +144,7 @@ def test_bad_inputs_fail_before_the_run_directory_is_made(tmp_path, lines, error
     config = tiny_run_config(tmp_path / "run")
     config.data.source = str(source)
     with pytest.raises(error, match=message):
-        train_lib.run_sft(config)
+        sft_trainer.run_sft(config)
     assert not (tmp_path / "run").exists()
 
 
@@ -231,7 +234,7 @@ def test_paper_recipe_validates_and_builds_abstractly(shared_dir):
     params = nnx.state(model, nnx.Param)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     assert 8.1e9 < n_params < 8.3e9
-    train_lib.check_model_block_size(config, model_config.block_size)
+    check_model_block_size(config, model_config.block_size)
     for devices, accum in ((8, 32), (64, 4)):  # one 8-GPU node; a v5p-128 slice (docs/SCALING.md)
         shape = mesh_lib.mesh_shape(config.mesh, devices)
         mesh_lib.check_mesh_fits(shape, model_config, config.train.global_batch // accum)
@@ -280,11 +283,11 @@ def test_parquet_and_datasets_directory_sources(tmp_path):
     records, _ = toy.builtin_split(1, 5, 0, 49)
     messages = [r["messages"] for r in records]
     pq.write_table(pa.table({"messages": messages}), tmp_path / "sft.parquet")
-    from_parquet = sft_data.read_records(str(tmp_path / "sft.parquet"))
+    from_parquet = read_records(str(tmp_path / "sft.parquet"))
     assert [r["messages"] for r in from_parquet] == messages
     (tmp_path / "hf").mkdir()
     write_lines(tmp_path / "hf" / "train.jsonl", [json.dumps({"messages": m}) for m in messages])
-    from_datasets = sft_data.read_records(str(tmp_path / "hf"), split="train")
+    from_datasets = read_records(str(tmp_path / "hf"), split="train")
     assert [r["messages"] for r in from_datasets] == messages
 
 
@@ -352,7 +355,7 @@ def test_sft_step_loss_is_normalised_by_supervised_not_masked_tokens(seed):
 
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(config.train)
-    step = train_lib.make_train_step(graphdef, tx, config, model_config)
+    step = sft_trainer.make_train_step(graphdef, tx, config, model_config)
     shaped = {k: jnp.asarray(v, jnp.int32).reshape(accum, micro, length) for k, v in batch.items()}
     _, _, metrics = step(params, tx.init(params), shaped, key, 0)
     assert masked.sum() < supervised.sum()  # ÷ #masked would give another value

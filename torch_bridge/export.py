@@ -43,12 +43,12 @@ from typing import Any, Sequence
 from flax import nnx
 from ml_collections import ConfigDict
 
-from dirl_jax import train as train_lib
+from dirl_jax import run
 from dirl_jax.checkpoint import checkpoint_steps, restore_params
 from dirl_jax.metrics import write_json_atomic
 from dirl_jax.model import (CheckpointError, ConfigError, SDARConfig, SDARForCausalLM,
-                            abstract_model, load_model, save_model)
-from dirl_jax.model.hf_io import atomic_directory, resolve_dtype, resolve_model_dir, run_export_dir
+                            abstract_model, atomic_directory, load_model, resolve_dtype,
+                            resolve_model_dir, run_export_dir, save_model)
 from torch_bridge import configuration_sdar
 
 EXPORT_DTYPES = ("bfloat16", "float32")
@@ -154,7 +154,7 @@ def run_model_config(run_dir: str, config: ConfigDict) -> SDARConfig:
         return SDARConfig.from_pretrained(export)
     if config.get("init_from"):
         return SDARConfig.from_pretrained(resolve_model_dir(run_export_dir(config.init_from)))
-    return train_lib.build_model_config(config, train_lib.build_tokenizer(config))
+    return run.build_model_config(config, run.build_tokenizer(config))
 
 
 def run_tokenizer_dir(run_dir: str, config: ConfigDict) -> str:
@@ -163,7 +163,7 @@ def run_tokenizer_dir(run_dir: str, config: ConfigDict) -> str:
         if os.path.isfile(os.path.join(local, TOKENIZER_CONFIG)):
             return local
     name = config.get("tokenizer") or config.get("init_from")
-    if not name or name == train_lib.BUILTIN_TOKENIZER:
+    if not name or name == run.BUILTIN_TOKENIZER:
         raise ExportError(f"{run_dir}: no tokenizer found (no export/ or tokenizer/ with "
                           f"{TOKENIZER_CONFIG}); pass --tokenizer DIR")
     return resolve_model_dir(run_export_dir(name))

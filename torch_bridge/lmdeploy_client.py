@@ -25,7 +25,6 @@ from transformers import PreTrainedTokenizerBase
 
 from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.rollout.sampler import SamplingConfig, response_stats
-from dirl_jax.rollout.unmasking import STRATEGIES
 
 logger = logging.getLogger(__name__)
 
@@ -190,11 +189,11 @@ async def _first_error_gather(coros: Sequence[Awaitable[T]]) -> list[T]:
 class LMDeployEngine:
     """The :class:`dirl_jax.rollout.engine.RolloutEngine` of a set of LMDeploy api_servers.
 
-    ``block_size``, ``strategy``, ``threshold`` and ``denoising_steps`` must be the values the
-    servers were launched with (``--dllm-block-length`` ...): LMDeploy has no per-request dLLM
-    settings (the fork's ``dllm_confidence_threshold`` field has no effect), so ``generate``
-    refuses a :class:`SamplingConfig` that asks for others. ``denoising_steps=None`` means the
-    block size, as in LMDeploy.
+    ``served`` holds the decoding settings the servers were launched with (``--dllm-block-length``,
+    ``--dllm-unmasking-strategy``, ``--dllm-confidence-threshold``, ``--dllm-denoising-steps``):
+    LMDeploy has no per-request dLLM settings (the fork's ``dllm_confidence_threshold`` field has no
+    effect), so ``generate`` refuses a :class:`SamplingConfig` whose block size, strategy,
+    threshold or denoising steps differ from them.
 
     Prompts go out in requests of at most ``request_batch`` (fewer when needed to give every server
     work), at most ``concurrency`` in flight, each to the live server with the fewest outstanding
@@ -210,26 +209,21 @@ class LMDeployEngine:
     """
 
     def __init__(self, servers: str | Sequence[str], *, tokenizer: str | PreTrainedTokenizerBase,
-                 model_name: str | None = None, block_size: int, strategy: str, threshold: float,
-                 denoising_steps: int | None, request_batch: int = 256, concurrency: int = 16,
+                 model_name: str | None = None, served: SamplingConfig, request_batch: int = 256,
+                 concurrency: int = 16,
                  timeout_s: float = 3000, retries: int = 3, backoff_s: float = 1.0,
                  api_key: str | None = None, weight_pusher: WeightPusher | None = None,
                  weight_push: str = "", model_dir: str | None = None):
-        checks = [("block_size", block_size, block_size >= 1),
-                  ("request_batch", request_batch, request_batch >= 1),
+        checks = [("request_batch", request_batch, request_batch >= 1),
                   ("concurrency", concurrency, concurrency >= 1), ("timeout_s", timeout_s, timeout_s > 0),
-                  ("retries", retries, retries >= 0), ("backoff_s", backoff_s, backoff_s >= 0),
-                  ("denoising_steps", denoising_steps, denoising_steps is None or denoising_steps >= 1)]
+                  ("retries", retries, retries >= 0), ("backoff_s", backoff_s, backoff_s >= 0)]
         for name, value, ok in checks:
             if not ok:
                 raise ValueError(f"{name}: invalid value {value!r}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy: unknown {strategy!r}; available: {', '.join(STRATEGIES)}")
         self.servers = parse_servers(servers)
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.model_name = model_name
-        self.block_size, self.strategy, self.threshold = block_size, strategy, threshold
-        self.denoising_steps = denoising_steps or block_size
+        self.served = served
         self.request_batch, self.concurrency = request_batch, concurrency
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -291,12 +285,13 @@ class LMDeployEngine:
 
     def check_sampling(self, sampling: SamplingConfig) -> None:
         """Raises ``ValueError`` when ``sampling`` asks for what the servers cannot do per request."""
-        wanted = [("block_size", sampling.block_size, self.block_size),
-                  ("strategy", sampling.strategy, self.strategy)]
-        if self.strategy == "low_confidence_dynamic":
-            wanted.append(("threshold", sampling.threshold, self.threshold))
+        served = self.served
+        wanted = [("block_size", sampling.block_size, served.block_size),
+                  ("strategy", sampling.strategy, served.strategy)]
+        if served.strategy == "low_confidence_dynamic":
+            wanted.append(("threshold", sampling.threshold, served.threshold))
         else:
-            wanted.append(("denoising steps", sampling.denoising_steps, self.denoising_steps))
+            wanted.append(("denoising steps", sampling.denoising_steps, served.denoising_steps))
         problems = [f"{name} {asked!r} (servers: {served!r})"
                     for name, asked, served in wanted if asked != served]
         if problems:

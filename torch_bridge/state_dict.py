@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from dirl_jax.model.hf_io import _to_host, hf_name
-from dirl_jax.model.sdar import SDARForCausalLM
+from dirl_jax.model import SDARForCausalLM, hf_name, to_host
 
 _JAX_DTYPES = {torch.float32: jnp.float32, torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}
 
@@ -42,7 +41,7 @@ def _single_gpu(value: jax.Array) -> jax.Array | None:
 def _host_tensor(value: jax.Array) -> torch.Tensor:
     """A torch CPU copy through NumPy (bf16 through its 16-bit pattern: torch cannot read
     NumPy's ml_dtypes bfloat16)."""
-    host = np.array(_to_host(value), copy=True)  # owns its memory, writable
+    host = np.array(to_host(value), copy=True)  # owns its memory, writable
     if host.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(host.view(np.uint16)).view(torch.bfloat16)
     return torch.from_numpy(host)

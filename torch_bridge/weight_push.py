@@ -34,8 +34,7 @@ import torch.distributed as dist
 from flax import nnx
 from lmdeploy.utils import FlattenedTensorBucket, init_custom_process_group, serialize_state_dict
 
-from dirl_jax.model.config import SDARConfig
-from dirl_jax.model.hf_io import _plan_shards, abstract_model, hf_name, parameter_shapes
+from dirl_jax.model import SDARConfig, abstract_model, hf_name, parameter_shapes, plan_shards
 from torch_bridge.state_dict import jax_dtype, named_tensors
 
 __all__ = [
@@ -165,7 +164,7 @@ def plan_buckets(specs: Iterable[TensorSpec], max_bucket_bytes: int, *,
     for dtype, group in by_dtype.items():
         sizes = {spec.name: spec.nbytes for spec in group}
         groups += [(names, dtype, sum(sizes[n] for n in names))
-                   for names in _plan_shards(list(sizes.items()), max_bucket_bytes)]
+                   for names in plan_shards(list(sizes.items()), max_bucket_bytes)]
     return [Segment(tuple(names), dtype, nbytes, finished and i == len(groups) - 1)
             for i, (names, dtype, nbytes) in enumerate(groups)]
 

@@ -22,10 +22,10 @@ from typing import Any
 import jax
 
 from dirl_jax import canvas as canvas_lib
-from dirl_jax.attention import tiles
+from dirl_jax.attention import schedule as schedule_lib
 from dirl_jax.attention.reference import reference_attention
 from dirl_jax.attention.tiled import tiled_attention
-from dirl_jax.model.sharding import rules_for_mesh
+from dirl_jax.sharding import rules_for_mesh
 
 IMPLEMENTATIONS = ("auto", "reference", "tiled", "splash", "pallas_gpu")
 # (q_tile, kv_tile) per block-sparse impl; tiled's is the fastest measured on CPU (docs/PERFORMANCE.md).
@@ -70,12 +70,12 @@ def _block_sparse(kernel: Any, q: jax.Array, k: jax.Array, v: jax.Array,
     """Pads to whole tiles, builds the schedule on device, runs ``kernel``, slices the padding off."""
     q_len, kv_len = q.shape[1], k.shape[1]
     q_tile, kv_tile = _tile_for(q_len, tile[0]), _tile_for(kv_len, tile[1])
-    q_pad, kv_pad = tiles.padded_length(q_len, q_tile), tiles.padded_length(kv_len, kv_tile)
-    q_canvas, kv_canvas = tiles.pad_canvas(q_canvas, q_pad), tiles.pad_canvas(kv_canvas, kv_pad)
-    schedule = tiles.tile_schedule(q_canvas, kv_canvas, q_tile=q_tile, kv_tile=kv_tile)
-    out = kernel(tiles.pad_sequence(q, q_pad), tiles.pad_sequence(k, kv_pad),
-                 tiles.pad_sequence(v, kv_pad), schedule, tiles.canvas_tags(q_canvas),
-                 tiles.canvas_tags(kv_canvas), **kwargs)
+    q_pad, kv_pad = schedule_lib.padded_length(q_len, q_tile), schedule_lib.padded_length(kv_len, kv_tile)
+    q_canvas, kv_canvas = schedule_lib.pad_canvas(q_canvas, q_pad), schedule_lib.pad_canvas(kv_canvas, kv_pad)
+    schedule = schedule_lib.tile_schedule(q_canvas, kv_canvas, q_tile=q_tile, kv_tile=kv_tile)
+    out = kernel(schedule_lib.pad_sequence(q, q_pad), schedule_lib.pad_sequence(k, kv_pad),
+                 schedule_lib.pad_sequence(v, kv_pad), schedule, schedule_lib.canvas_tags(q_canvas),
+                 schedule_lib.canvas_tags(kv_canvas), **kwargs)
     return out[:, :q_len]
 
 

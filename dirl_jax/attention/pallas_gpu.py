@@ -1,6 +1,6 @@
 """Block-sparse flash attention over canvases for GPU: Pallas kernels on the Triton backend.
 
-Triton has no scalar prefetch, so the tile lists of a :class:`~dirl_jax.attention.tiles.TileSchedule`
+Triton has no scalar prefetch, so the tile lists of a :class:`~dirl_jax.attention.schedule.TileSchedule`
 are ordinary kernel inputs: every program owns one output tile, keeps the whole K/V (or Q) row
 of its head in a full-length ref and walks only its non-empty tiles with a dynamic
 ``lax.fori_loop``. ``TILE_FULL`` tiles skip the mask; ``TILE_PARTIAL`` tiles evaluate
@@ -18,7 +18,7 @@ Three kernels, flash-attention-2 style, with fp32 softmax and accumulation:
 
 Requirements (checked): tile sizes are powers of two and at least 16 (Triton block and dot
 shapes); sequence lengths are multiples of the tiles (pad with
-:func:`~dirl_jax.attention.tiles.pad_canvas` / ``pad_sequence``); q, k and v share one dtype.
+:func:`~dirl_jax.attention.schedule.pad_canvas` / ``pad_sequence``); q, k and v share one dtype.
 A head dimension that is not a power of two >= 16 is zero-padded internally (extra copies).
 """
 
@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dirl_jax import canvas as canvas_lib
-from dirl_jax.attention.tiles import TileLists, TileSchedule
+from dirl_jax.attention.schedule import TileLists, TileSchedule
 
 _NUM_TAGS = 3  # (segment, stream, block), stacked along axis 1 of the tag inputs
 
@@ -262,9 +262,9 @@ def pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, schedule: Til
     Args:
       q: ``[batch, q_len, heads, head_dim]``.
       k, v: ``[batch, kv_len, kv_heads, head_dim]``; ``heads`` a multiple of ``kv_heads``.
-      schedule: ``tiles.tile_schedule(q_canvas, kv_canvas, q_tile=..., kv_tile=...)``; the tiles
+      schedule: ``schedule_lib.tile_schedule(q_canvas, kv_canvas, q_tile=..., kv_tile=...)``; the tiles
         are powers of two >= 16 dividing ``q_len`` and ``kv_len``.
-      q_tags, kv_tags: ``tiles.canvas_tags`` of the two canvases, int32 ``[batch, len]`` each.
+      q_tags, kv_tags: ``schedule_lib.canvas_tags`` of the two canvases, int32 ``[batch, len]`` each.
       scale: logit scale, default ``head_dim ** -0.5``.
       interpret: run the kernels in the Pallas interpreter (CPU tests).
 

@@ -1,6 +1,6 @@
 """Block-sparse flash attention in pure JAX: the CPU path and the fallback on every backend.
 
-Work is driven by the exact tile schedule of the canvas pair (:mod:`dirl_jax.attention.tiles`):
+Work is driven by the exact tile schedule of the canvas pair (:mod:`dirl_jax.attention.schedule`):
 an outer loop over the q-tiles that see anything and, for each, an inner loop over its non-empty
 kv-tiles with an online softmax. Empty tiles are neither computed nor stored; full tiles skip the
 mask; partial tiles evaluate :func:`dirl_jax.canvas.visible` on the tile's tags. The backward
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dirl_jax import canvas as canvas_lib
-from dirl_jax.attention.tiles import TileSchedule
+from dirl_jax.attention.schedule import TileSchedule
 
 Tags = tuple[jax.Array, jax.Array, jax.Array]
 _NEG = -1e30  # finite "minus infinity" for the running maxima: exp(_NEG - _NEG) stays finite
@@ -195,8 +195,8 @@ def tiled_attention(q: jax.Array, k: jax.Array, v: jax.Array, schedule: TileSche
                     q_tags: Tags, kv_tags: Tags, *, scale: float | None = None) -> jax.Array:
     """Block-sparse attention of ``q [B,T,H,D]`` over ``k, v [B,S,KV,D]``.
 
-    ``schedule`` comes from :func:`dirl_jax.attention.tiles.tile_schedule` and the tags from
-    :func:`dirl_jax.attention.tiles.canvas_tags`; ``T`` and ``S`` must be multiples of its tile
+    ``schedule`` comes from :func:`dirl_jax.attention.schedule.tile_schedule` and the tags from
+    :func:`dirl_jax.attention.schedule.canvas_tags`; ``T`` and ``S`` must be multiples of its tile
     sizes (:func:`dirl_jax.attention.attention` pads). Matches the reference: fp32 softmax,
     output in ``v.dtype``, rows that see nothing are zero.
     """

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from dirl_jax.data.sft import DataError, read_records
+from dirl_jax.data.records import DataError, read_records
 from dirl_jax.data.tokenizer import rollout_prompt
 
 QUESTION_FIELDS = ("question", "problem")

@@ -16,7 +16,7 @@ import pathlib
 import re
 from typing import Any, Callable, Literal
 
-from dirl_jax.data.sft import DataError, read_records
+from dirl_jax.data.records import DataError, read_records
 from dirl_jax.rewards import extract_last_boxed, grade
 from dirl_jax.rewards.grading import DEFAULT_TIMEOUT_S
 

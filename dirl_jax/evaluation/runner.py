@@ -17,11 +17,13 @@ import jax
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from dirl_jax.config import eval_decoding, validate_eval
+from dirl_jax import run
+from dirl_jax.attention import IMPLEMENTATIONS
+from dirl_jax.config import benchmark_names, check, check_eval_fields, eval_decoding
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.evaluation import records as records_lib
-from dirl_jax.evaluation.benchmarks import Question, grade_answer, load_benchmark
+from dirl_jax.evaluation.benchmarks import BENCHMARKS, Question, grade_answer, load_benchmark
 from dirl_jax.evaluation.report import summarize, write_report
 from dirl_jax.model import load_model
 from dirl_jax.model.hf_io import resolve_dtype, run_export_dir
@@ -37,19 +39,32 @@ def sample_seed(benchmark: str, question_id: str, sample: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def validate_eval(config: ConfigDict) -> None:
+    """Raises ConfigValueError naming the first inconsistent field of an evaluation config."""
+    check_eval_fields(config)
+    unknown = [b for b in benchmark_names(config) if b not in BENCHMARKS]
+    check(not unknown, "benchmarks", f"unknown {unknown}; available: {', '.join(BENCHMARKS)}")
+    run.check_decoding(eval_decoding_fields(config), "")
+    run.check_engine("engine", config.engine)
+    run.check_choice("attention_impl", config.attention_impl, IMPLEMENTATIONS)
+
+
+def eval_decoding_fields(config: ConfigDict) -> dict[str, Any]:
+    """A benchmark evaluation's decoding fields: its preset with the config's overrides, its
+    ``max_new_tokens`` and ``min_new_tokens`` capped by it."""
+    fields = {**eval_decoding(config), "max_new_tokens": config.max_new_tokens}
+    fields["min_new_tokens"] = min(fields["min_new_tokens"], config.max_new_tokens)
+    return fields
+
+
 def sampling_config(config: ConfigDict, tokenizer, block_size: int, mask_token_id: int) -> SamplingConfig:
     """The preset's decoding settings with the config's overrides; ``<|im_end|>`` stops and
     ``<|endoftext|>`` is never sampled, as in DiRL's evaluation."""
-    decoding = eval_decoding(config)
     vocab = tokenizer.get_vocab()
-    return SamplingConfig(
-        block_size=block_size, mask_token_id=mask_token_id, strategy=decoding["strategy"],
-        steps=decoding["steps"] or None, threshold=decoding["threshold"],
-        max_new_tokens=config.max_new_tokens, temperature=decoding["temperature"],
-        top_k=decoding["top_k"], top_p=decoding["top_p"],
-        stop_ids=tuple(vocab[t] for t in ("<|im_end|>",) if t in vocab),
-        min_new_tokens=min(decoding["min_new_tokens"], config.max_new_tokens),
-        banned_ids=tuple(vocab[t] for t in ("<|endoftext|>",) if t in vocab),
+    return SamplingConfig.from_fields(
+        eval_decoding_fields(config), block_size=block_size, mask_token_id=mask_token_id,
+        stop_ids=[vocab[t] for t in ("<|im_end|>",) if t in vocab],
+        banned_ids=[vocab[t] for t in ("<|endoftext|>",) if t in vocab],
         attn_impl=config.attention_impl)
 
 
@@ -69,7 +84,7 @@ def run_evaluation(config: ConfigDict) -> dict[str, dict[str, Any]]:
     sampling = sampling_config(config, tokenizer, model_config.block_size, model_config.mask_token_id)
     engine = make_engine(config.engine, model, sampling, pad_token_id=tokenizer.pad_token_id or 0,
                          tokenizer=config.tokenizer or path, options={k: v for k, v in config.engine_options.items() if v})
-    benchmarks = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
+    benchmarks = benchmark_names(config)
     questions = [q for b in benchmarks for q in load_benchmark(
         b, config.source or None, data_dir=config.data_dir or None, limit=config.limit or None)]
     template = config.prompt_template or rl_data.DEFAULT_TEMPLATE

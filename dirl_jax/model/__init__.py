@@ -1,9 +1,12 @@
-"""SDAR model: configuration, Flax NNX modules, HF checkpoint I/O, sharding axes."""
+"""SDAR model: configuration, Flax NNX modules, HF checkpoint I/O (the logical sharding axes are
+in :mod:`dirl_jax.sharding`)."""
 
 from dirl_jax.model.config import ConfigError, SDARConfig
-from dirl_jax.model.hf_io import (CheckpointError, abstract_model, load_model, parameter_shapes,
-                                  save_model)
+from dirl_jax.model.hf_io import (CheckpointError, abstract_model, atomic_directory, hf_name,
+                                  load_model, parameter_shapes, plan_shards, resolve_dtype,
+                                  resolve_model_dir, run_export_dir, save_model, to_host)
 from dirl_jax.model.sdar import SDARForCausalLM
 
 __all__ = ["CheckpointError", "ConfigError", "SDARConfig", "SDARForCausalLM", "abstract_model",
-           "load_model", "parameter_shapes", "save_model"]
+           "atomic_directory", "hf_name", "load_model", "parameter_shapes", "plan_shards",
+           "resolve_dtype", "resolve_model_dir", "run_export_dir", "save_model", "to_host"]

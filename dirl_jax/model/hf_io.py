@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 
 from dirl_jax.model.config import SDARConfig
 from dirl_jax.model.sdar import SDARForCausalLM
-from dirl_jax.model.sharding import DEFAULT_RULES, named_shardings
+from dirl_jax.sharding import DEFAULT_RULES, named_shardings
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -196,13 +196,16 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *, param_dtype: Any =
 
 
 # ------------------------------------------------------------------------------- saving
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
+    """``x`` as a host numpy array; a multi-host array is gathered (every process must call)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
 
-def _plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """``(name, bytes)`` pairs split in order into groups of at most ``max_shard_bytes`` each (a
+    single tensor larger than that gets a group of its own)."""
     shards: list[list[str]] = [[]]
     used = 0
     for name, size in sizes:
@@ -265,7 +268,7 @@ def save_model(model: SDARForCausalLM, config: SDARConfig | None, out_dir: str |
         if not any(f.endswith("tokenizer_config.json") for f in tokenizer_files):
             raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer_config.json (not a tokenizer directory)")
     sizes = [(name, int(np.prod(v.shape)) * np_dtype.itemsize) for name, v in params.items()]
-    shards = _plan_shards(sizes, max_shard_bytes)
+    shards = plan_shards(sizes, max_shard_bytes)
     writer = jax.process_index() == 0
     with (atomic_directory(out_dir, overwrite=overwrite) if writer
           else contextlib.nullcontext(None)) as tmp:
@@ -273,7 +276,7 @@ def save_model(model: SDARForCausalLM, config: SDARConfig | None, out_dir: str |
         for i, names in enumerate(shards):
             file = SINGLE_FILE if len(shards) == 1 else \
                 f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {name: _to_host(params[name]).astype(np_dtype) for name in names}
+            tensors = {name: to_host(params[name]).astype(np_dtype) for name in names}
             if writer:
                 save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(names, file))

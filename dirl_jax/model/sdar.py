@@ -3,7 +3,7 @@
 Module and parameter names follow the Hugging Face checkpoint exactly
 (``model.layers.3.self_attn.q_proj.weight``), and linear weights keep the HF ``[out, in]``
 layout, so checkpoint I/O is a one-to-one rename-free copy. Every parameter carries logical
-sharding axis names (see :mod:`dirl_jax.model.sharding`). There is no label shift: the logit at
+sharding axis names (see :mod:`dirl_jax.sharding`). There is no label shift: the logit at
 a position predicts the token at that same position.
 """
 
@@ -18,10 +18,10 @@ from flax import nnx, struct
 from dirl_jax import attention as attention_lib
 from dirl_jax.canvas import Canvas, StreamMajorLayout
 from dirl_jax.model.config import SDARConfig
-from dirl_jax.model.sharding import constrain
+from dirl_jax.sharding import constrain
 
 Dtype = Any
-BATCH, LENGTH = "batch", "length"          # logical activation axes (dirl_jax.model.sharding)
+BATCH, LENGTH = "batch", "length"          # logical activation axes (dirl_jax.sharding)
 RESIDUAL = (BATCH, LENGTH, "act_embed")    # the residual stream [B, T, E]
 _init_normal = jax.nn.initializers.normal(stddev=0.02)
 

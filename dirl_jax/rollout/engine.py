@@ -63,8 +63,8 @@ def make_engine(spec: str, model: SDARForCausalLM, sampling: SamplingConfig, *, 
                 tokenizer: str, options: dict[str, Any] | None = None) -> RolloutEngine:
     """The engine named by ``spec``: ``"jax"`` is the in-process engine over this host's devices;
     ``"lmdeploy"`` or any ``"module:Class"`` (see ``ENGINE_ALIASES``) is constructed with
-    the decoding settings its servers must have been launched with, the ``tokenizer`` path and
-    ``options`` (servers, weight push, ...). ``dirl_jax`` itself never imports such a module."""
+    the decoding settings its servers must have been launched with (``served=sampling``), the
+    ``tokenizer`` path and ``options`` (servers, weight push, ...). ``dirl_jax`` itself never imports such a module."""
     if spec == "jax":  # every host decodes its own rows on its own devices
         devices = jax.local_devices()
         mesh = jax.sharding.Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
@@ -73,6 +73,4 @@ def make_engine(spec: str, model: SDARForCausalLM, sampling: SamplingConfig, *, 
     if not module or not name:
         raise ValueError(f"engine: expected 'jax' or 'module:Class', got {spec!r}")
     engine_class = getattr(importlib.import_module(module), name)
-    return engine_class(tokenizer=tokenizer, block_size=sampling.block_size,
-                        strategy=sampling.strategy, threshold=sampling.threshold,
-                        denoising_steps=sampling.denoising_steps, **dict(options or {}))
+    return engine_class(tokenizer=tokenizer, served=sampling, **dict(options or {}))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from dirl_jax import canvas as canvas_lib
+from dirl_jax.config import DECODING_FIELDS
 from dirl_jax.model.sdar import SDARForCausalLM, init_cache
 from dirl_jax.rollout import unmasking
 
@@ -80,6 +81,19 @@ class SamplingConfig:
         for name, ok, message in checks:
             if not ok:
                 raise ValueError(f"{name}: {message}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any], *, block_size: int, mask_token_id: int,
+                    stop_ids: Sequence[int] = (), banned_ids: Sequence[int] = (),
+                    attn_impl: str = "auto") -> SamplingConfig:
+        """The settings of a config section's decoding fields (``dirl_jax.config.DECODING_FIELDS``,
+        the same in DiPO's ``rollout``, the built-in ``eval`` and a benchmark evaluation;
+        ``steps = 0`` means the block size) for a model's block size and mask token."""
+        values = {name: fields[name] for name in DECODING_FIELDS}
+        return cls(block_size=block_size, mask_token_id=mask_token_id,
+                   **{**values, "steps": values["steps"] or None},
+                   stop_ids=tuple(int(t) for t in stop_ids),
+                   banned_ids=tuple(int(t) for t in banned_ids), attn_impl=attn_impl)
 
     @property
     def denoising_steps(self) -> int:

@@ -104,7 +104,10 @@ class Workload:
 
 
 @dataclasses.dataclass(frozen=True)
-class Mesh:
+class MeshShape:
+    """The axis sizes of a candidate ``(data, fsdp, tensor)`` mesh: just the three numbers (the
+    run's actual device mesh is built by :mod:`dirl_jax.mesh`)."""
+
     data: int
     fsdp: int
     tensor: int
@@ -190,7 +193,7 @@ def activation_bytes_per_row(c: SDARConfig, tokens: int, tensor: int, remat: boo
     return (c.num_hidden_layers + 1) * one_layer  # + the gradients of one layer
 
 
-def memory_per_device(c: SDARConfig, w: Workload, mesh: Mesh, rows: int = 1) -> Memory:
+def memory_per_device(c: SDARConfig, w: Workload, mesh: MeshShape, rows: int = 1) -> Memory:
     """Peak bytes per device with ``rows`` canvas rows per device in a micro-batch."""
     gathered = (2 * layer_params(c) + c.vocab_size * c.hidden_size) * BF16_BYTES / mesh.tensor
     return Memory(
@@ -207,7 +210,7 @@ class Plan:
 
     model: str
     hardware: Hardware
-    mesh: Mesh
+    mesh: MeshShape
     fits: bool
     micro_rows: int     # canvas rows per device per micro-batch
     grad_accum: int     # micro-batches per optimizer step
@@ -239,14 +242,14 @@ def tensor_sizes(c: SDARConfig, chips: int) -> list[int]:
             if chips % t == 0 and all(d % t == 0 for d in dims)]
 
 
-def candidate_meshes(c: SDARConfig, w: Workload, chips: int) -> Iterator[Mesh]:
+def candidate_meshes(c: SDARConfig, w: Workload, chips: int) -> Iterator[MeshShape]:
     """Valid meshes in order of preference: smallest tensor, then smallest fsdp. fsdp must divide
     the hidden size; the batch rows of a step must split evenly over data x fsdp."""
     for t in tensor_sizes(c, chips):
         for f in _divisors(chips // t):
             data = chips // (t * f)
             if c.hidden_size % f == 0 and w.global_batch % (data * f) == 0:
-                yield Mesh(data=data, fsdp=f, tensor=t)
+                yield MeshShape(data=data, fsdp=f, tensor=t)
 
 
 def choose_plan(name: str, c: SDARConfig, w: Workload, hw: Hardware, *, mfu: float = 0.4,

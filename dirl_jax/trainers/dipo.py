@@ -1,4 +1,4 @@
-"""The online DiPO loop: rollouts → rewards → dynamic sampling → trajectory-exact updates → weights.
+"""The online DiPO loop (``task = "dipo"``): rollouts → rewards → dynamic sampling → trajectory-exact updates → weights.
 
 Each step samples ``group_size`` responses for ``prompts_per_step`` prompts with the in-process
 engine (the trainer's own parameters), grades them, keeps the groups whose accuracy is mixed
@@ -25,54 +25,21 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from dirl_jax import dipo, distributed
+from dirl_jax import dipo, distributed, run
 from dirl_jax import mesh as mesh_lib
 from dirl_jax.checkpoint import start_or_resume
-from dirl_jax.config import SPLIT_FIELDS, check, check_canvas_fits, validate_dipo
+from dirl_jax.config import SPLIT_FIELDS, check
 from dirl_jax.data import rl as rl_data
-from dirl_jax.data import sft as sft_data
 from dirl_jax.data import toy
-from dirl_jax.data.tokenizer import load_tokenizer, stop_token_ids
-from dirl_jax.evaluate_builtin import builtin_eval_runs, evaluate_builtin
-from dirl_jax.metrics import MetricsWriter, start_run_dir, write_json_atomic
-from dirl_jax.model import load_model, save_model
-from dirl_jax.model import SDARConfig
-from dirl_jax.model.hf_io import resolve_dtype, resolve_model_dir, run_export_dir
+from dirl_jax.data.tokenizer import stop_token_ids
+from dirl_jax.evaluation.builtin import builtin_eval_runs, evaluate_builtin
+from dirl_jax.metrics import write_json_atomic
 from dirl_jax.optim import learning_rate_schedule, make_optimizer
 from dirl_jax.rewards import REWARDS, Response, grade, weighted_rewards
 from dirl_jax.rollout.engine import RolloutEngine, make_engine
 from dirl_jax.rollout.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
-
-
-def build_prompts(config: ConfigDict, tokenizer) -> tuple[list[list[int]], list[str], list[dict]]:
-    """Prompt token ids and gold answers of the RL records (those longer than
-    ``rollout.max_prompt_tokens`` dropped), and held-out eval records (builtin only: the SFT
-    split, :func:`dirl_jax.data.toy.builtin_split`, so no prompt shares an operand pair with them)."""
-    data = config.data
-    held_out: list[dict] = []
-    if data.source == toy.BUILTIN_TASK:
-        train, held_out = toy.builtin_split(data.split_seed, data.builtin_train_size,
-                                            data.builtin_eval_size, data.builtin_max_operand)
-        prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in train]
-        answers = [r["answer"] for r in train]
-    else:
-        template = data.prompt_template or rl_data.DEFAULT_TEMPLATE
-        records = rl_data.load_prompt_records(data.source, data.split)
-        prompts = [tokenizer.encode(rl_data.render_prompt(r.question, template),
-                                    add_special_tokens=False) for r in records]
-        answers = [r.answer for r in records]
-    limit = config.rollout.max_prompt_tokens
-    if limit:
-        keep = [i for i, p in enumerate(prompts) if len(p) <= limit]
-        if not keep:
-            raise sft_data.DataError(f"{data.source}: no prompt fits rollout.max_prompt_tokens={limit}")
-        if len(keep) < len(prompts):
-            log.warning("%s: dropped %d of %d prompts longer than rollout.max_prompt_tokens=%d",
-                        data.source, len(prompts) - len(keep), len(prompts), limit)
-        prompts, answers = [prompts[i] for i in keep], [answers[i] for i in keep]
-    return prompts, answers, held_out
 
 
 def check_same_split(config: ConfigDict) -> None:
@@ -257,6 +224,18 @@ def pack_groups(groups: list[dict[str, Any]], model_config, config: ConfigDict
     return batches, stats
 
 
+def check_canvas_fits(config: ConfigDict, block_size: int) -> None:
+    """With a prompt cap, one canvas row must hold any trajectory's single-pass layout
+    (:func:`dirl_jax.dipo.worst_case_canvas_tokens`: one token committed per step)."""
+    r = config.rollout
+    if not r.max_prompt_tokens:
+        return
+    need = dipo.worst_case_canvas_tokens(r.max_prompt_tokens, r.max_new_tokens, block_size)
+    check(config.train.row_length >= need, "train.row_length",
+          f"({config.train.row_length}) cannot hold a trajectory of {r.max_prompt_tokens} prompt + "
+          f"{r.max_new_tokens} response tokens decoded one token per step ({need} canvas slots)")
+
+
 def check_log_ratio(value: float, limit: float, step: int) -> None:
     """Stops the run when the trainer's log-probs of the sampled tokens differ from the sampler's."""
     if value > limit:
@@ -292,31 +271,24 @@ def train_on_groups(updater: Updater, params, opt_state, reference, groups, mode
 
 def run_dipo(config: ConfigDict) -> dict[str, Any]:
     """Runs (or resumes) DiPO as configured; returns the last held-out evaluation (if any)."""
-    validate_dipo(config)
+    run.validate_dipo(config)
     check_same_split(config)
     check(jax.process_count() == 1 or config.rollout.engine == "jax", "rollout.engine",
           f"a multi-host run decodes with the in-process engine ('jax'), got "
           f"{config.rollout.engine!r}; serve LMDeploy to a one-host trainer")
-    model_dir = run_export_dir(config.init_from)
-    tokenizer = load_tokenizer(config.tokenizer or model_dir)
+    model_dir = run.init_model_dir(config)
+    tokenizer = run.build_tokenizer(config)
     t, r = config.train, config.rollout
-    model_config = SDARConfig.from_pretrained(resolve_model_dir(model_dir))
+    model_config = run.build_model_config(config, tokenizer)
     check_canvas_fits(config, model_config.block_size)
-    shape = mesh_lib.mesh_shape(config.mesh, jax.device_count())
-    mesh_lib.check_mesh_fits(shape, model_config, t.canvas_rows, rows_field="train.canvas_rows")
-    mesh = mesh_lib.make_mesh(shape)
-    model, _ = load_model(model_dir, resolve_dtype(t.compute_dtype), mesh=mesh,
-                          param_dtype=resolve_dtype(t.param_dtype), remat=config.model.remat)
-    prompts, answers, held_out = build_prompts(config, tokenizer)
+    mesh = run.build_mesh(config, model_config, t.canvas_rows, rows_field="train.canvas_rows")
+    model = run.build_model(config, model_config, mesh)
+    prompts, answers, held_out = run.rl_prompts(config, tokenizer)
 
-    run_dir = start_run_dir(config.run_dir, config.to_dict())
-    stop_ids = stop_token_ids(tokenizer)
-    sampling = SamplingConfig(block_size=model_config.block_size,
-                              mask_token_id=model_config.mask_token_id, strategy=r.strategy,
-                              steps=r.steps or None, threshold=r.threshold,
-                              max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                              top_k=r.top_k, top_p=r.top_p, stop_ids=stop_ids,
-                              attn_impl=config.model.attention_impl)
+    run_dir, tokenizer_dir = run.start_run(config, tokenizer)
+    sampling = SamplingConfig.from_fields(
+        r, block_size=model_config.block_size, mask_token_id=model_config.mask_token_id,
+        stop_ids=stop_token_ids(tokenizer), attn_impl=config.model.attention_impl)
     options = {k: v for k, v in r.engine_options.items() if v}  # used by external engines only
     options.setdefault("model_dir", model_dir)
     engine = make_engine(r.engine, model, sampling, pad_token_id=tokenizer.pad_token_id or 0,
@@ -332,8 +304,7 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     if start:
         engine.update_weights(params)
     updater = Updater(graphdef, tx, config, mesh)
-    writer = MetricsWriter(run_dir, resume_step=start, total_steps=t.num_steps,
-                           enabled=jax.process_index() == 0)
+    writer = run.metrics_writer(config, run_dir, start)
 
     evaluates = builtin_eval_runs(held_out, config)
 
@@ -382,7 +353,5 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     writer.close()
     if result and jax.process_index() == 0:
         write_json_atomic(os.path.join(run_dir, "eval.json"), result)
-    if config.export.enabled:
-        save_model(nnx.merge(graphdef, params), model_config, os.path.join(run_dir, "export"), tokenizer_dir=model_dir,
-                   dtype=config.export.dtype, overwrite=True)
+    run.export(config, nnx.merge(graphdef, params), model_config, run_dir, tokenizer_dir)
     return result

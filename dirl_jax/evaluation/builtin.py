@@ -12,10 +12,10 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from dirl_jax.data import sft as sft_data
-from dirl_jax.data import toy
+from dirl_jax.data.tokenizer import stop_token_ids
 from dirl_jax.model import SDARConfig, SDARForCausalLM
 from dirl_jax.rewards import extract_last_boxed
-from dirl_jax.rollout.sampler import generate
+from dirl_jax.rollout.sampler import SamplingConfig, decode_prompts
 
 log = logging.getLogger(__name__)
 HELDOUT_FILE = "heldout.jsonl"
@@ -45,23 +45,22 @@ def write_heldout(run_dir: str, records: list[dict[str, Any]]) -> None:
 def evaluate_builtin(model: SDARForCausalLM, model_config: SDARConfig, tokenizer,
                      records: list[dict[str, Any]], config: ConfigDict, run_dir: str
                      ) -> dict[str, Any]:
-    """Held-out exact match of the boxed answer under greedy block-diffusion decoding, on the
-    first ``eval.num_examples`` held-out records, which are written to ``RUN_DIR/heldout.jsonl``."""
+    """Held-out exact match of the boxed answer under the ``eval`` section's decoding (greedy by
+    default) on the first ``eval.num_examples`` held-out records, which are written to
+    ``RUN_DIR/heldout.jsonl``."""
     records = records[:config.eval.num_examples]
     if jax.process_index() == 0:
         write_heldout(run_dir, records)
-    stop_ids = [tokenizer.convert_tokens_to_ids(toy.IM_END), tokenizer.pad_token_id]
+    sampling = SamplingConfig.from_fields(
+        config.eval, block_size=model_config.block_size, mask_token_id=model_config.mask_token_id,
+        stop_ids=stop_token_ids(tokenizer), attn_impl=config.model.attention_impl)
     correct: list[int] = []
     tokens_per_step = []
     for start in range(0, len(records), config.eval.batch_size):
         chunk = records[start:start + config.eval.batch_size]
         prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in chunk]
-        results = generate(
-            model, prompts, block_size=model_config.block_size, temperature=0.0,
-            mask_token_id=model_config.mask_token_id, pad_token_id=tokenizer.pad_token_id,
-            max_new_tokens=config.eval.max_new_tokens, stop_ids=stop_ids,
-            strategy=config.eval.strategy, steps=config.eval.steps or None,
-            threshold=config.eval.threshold, attn_impl=config.model.attention_impl)
+        results = decode_prompts(model, prompts, sampling, seed=0,
+                                 pad_token_id=tokenizer.pad_token_id or 0)
         for record, result in zip(chunk, results):
             text = tokenizer.decode(result["token_ids"])
             correct.append(int(extract_last_boxed(text) == record["answer"]))

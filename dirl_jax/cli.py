@@ -1,0 +1,30 @@
+"""What the ``python -m dirl_jax.train`` / ``dirl_jax.evaluate`` command lines share: the
+``--config`` flag (a ``configs/*.py`` file with ``--config.a.b=value`` overrides) and the
+multi-host flags, defined when the command starts (never on import), then the task."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import ConfigDict, config_flags
+
+from dirl_jax import distributed
+
+
+def run_config_command(task: Callable[[ConfigDict], object], config_help: str) -> None:
+    """Parses the command line and runs ``task(config)`` after joining a multi-host run."""
+    config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
+    distributed.define_flags()
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if flags.FLAGS.config is None:
+            raise app.UsageError(f"--config is required: {config_help}")
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
+        distributed.initialize_from_flags()  # multi-host: before any JAX computation
+        task(flags.FLAGS.config)
+
+    app.run(main)

@@ -1,0 +1,54 @@
+"""Reading dataset records: a ``.jsonl`` / ``.json`` / ``.parquet`` file or a HF datasets name,
+with errors that name the file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+class DataError(ValueError):
+    """A dataset file or record is malformed."""
+
+
+def _json_lines(source: str) -> list[Any]:
+    records = []
+    with open(source, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}:{line_number}: malformed JSON line ({e.msg})") from e
+    return records
+
+
+def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Records from a ``.jsonl`` / ``.json`` / ``.parquet`` file or a HF datasets name/path."""
+    if source.endswith((".jsonl", ".json")):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{source}: dataset file not found")
+        if source.endswith(".json"):
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as e:
+                if e.msg != "Extra data":  # several JSON values: JSON lines (DiRL's loader takes both)
+                    raise DataError(f"{source}: malformed JSON ({e})") from e
+                return _json_lines(source)
+            if not isinstance(records, list):
+                raise DataError(f"{source}: expected a JSON list of records (or JSON lines)")
+            return records
+        return _json_lines(source)
+    if source.endswith(".parquet") and not os.path.isfile(source):
+        raise FileNotFoundError(f"{source}: dataset file not found")
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"reading {source!r} needs the `datasets` package (pip install datasets)") from e
+    if source.endswith(".parquet"):
+        return list(datasets.load_dataset("parquet", data_files=source, split="train"))
+    return list(datasets.load_dataset(source, split=split))

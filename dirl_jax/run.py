@@ -1,0 +1,200 @@
+"""The set-up every run shares: one place turns a run config into its pieces.
+
+Validation (the generic field checks of :mod:`dirl_jax.config` plus each owner's names and the
+decoding settings, which :class:`~dirl_jax.rollout.sampler.SamplingConfig` checks itself), the
+tokenizer, the data (the built-in task's operand-pair split included), the model config, the
+device mesh, the model, the run directory, the metrics writer and the final export. SFT, DiPO,
+the benchmark evaluation and ``torch_bridge.export`` build their runs from these functions, so a
+setting means the same thing in every task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from dirl_jax import mesh as mesh_lib
+from dirl_jax.attention import IMPLEMENTATIONS
+from dirl_jax.config import (ConfigValueError, check, check_dipo_fields, check_model_block_size,
+                             check_sft_fields)
+from dirl_jax.dipo import AGGREGATIONS
+from dirl_jax.data import rl as rl_data
+from dirl_jax.data import sft as sft_data
+from dirl_jax.data import toy
+from dirl_jax.data.records import DataError, read_records
+from dirl_jax.data.tokenizer import load_tokenizer
+from dirl_jax.metrics import MetricsWriter, start_run_dir
+from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
+from dirl_jax.model.hf_io import resolve_dtype, resolve_model_dir, run_export_dir
+from dirl_jax.rollout.engine_names import engine_spec_problem
+from dirl_jax.rollout.sampler import SamplingConfig
+
+BUILTIN_TOKENIZER = "builtin:toy"
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- validation
+def check_choice(field: str, value: Any, choices: Sequence[Any]) -> None:
+    """``value`` must be one of an owner's ``choices``."""
+    check(value in choices, field, f"must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_engine(field: str, spec: str) -> None:
+    """``spec`` must name a rollout engine (``jax``, ``lmdeploy`` or ``module:Class``)."""
+    problem = engine_spec_problem(spec)
+    check(problem is None, field, problem or "")
+
+
+def check_decoding(fields: Mapping[str, Any], section: str) -> None:
+    """A section's decoding fields must make a valid :class:`SamplingConfig` (the sampler's own
+    checks), reported under the section's field names."""
+    try:
+        SamplingConfig.from_fields(fields, block_size=1, mask_token_id=0)
+    except ValueError as error:
+        name, _, message = str(error).partition(": ")
+        raise ConfigValueError(f"config.{section}{name}: {message}") from None
+
+
+def validate_sft(config: ConfigDict) -> None:
+    """Raises ConfigValueError naming the first inconsistent field of an SFT config."""
+    check_sft_fields(config)
+    check_choice("model.attention_impl", config.model.attention_impl, IMPLEMENTATIONS)
+    check_decoding(config.eval, "eval.")
+
+
+def validate_dipo(config: ConfigDict) -> None:
+    """Raises ConfigValueError naming the first inconsistent field of a DiPO config."""
+    check_dipo_fields(config)
+    check_engine("rollout.engine", config.rollout.engine)
+    check_choice("train.loss_aggregation", config.train.loss_aggregation, AGGREGATIONS)
+    check_choice("model.attention_impl", config.model.attention_impl, IMPLEMENTATIONS)
+    check_decoding(config.rollout, "rollout.")
+    check_decoding(config.eval, "eval.")
+
+
+# ----------------------------------------------------------------------------- data
+def sft_records(config: ConfigDict) -> tuple[list[Any], list[dict[str, Any]]]:
+    """SFT training records and held-out evaluation records (question / answer; built-in task
+    only, :func:`dirl_jax.data.toy.builtin_split`)."""
+    data = config.data
+    if data.source == toy.BUILTIN_TASK:
+        return toy.builtin_split(data.split_seed, data.builtin_train_size, data.builtin_eval_size,
+                                 data.builtin_max_operand)
+    return read_records(data.source, data.split), []
+
+
+def rl_prompts(config: ConfigDict, tokenizer) -> tuple[list[list[int]], list[str], list[dict]]:
+    """Prompt token ids and gold answers of the RL records (those longer than
+    ``rollout.max_prompt_tokens`` dropped), and held-out eval records (builtin only: the SFT
+    split, so no prompt shares an operand pair with them)."""
+    data = config.data
+    held_out: list[dict] = []
+    if data.source == toy.BUILTIN_TASK:
+        train, held_out = sft_records(config)
+        prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in train]
+        answers = [r["answer"] for r in train]
+    else:
+        template = data.prompt_template or rl_data.DEFAULT_TEMPLATE
+        records = rl_data.load_prompt_records(data.source, data.split)
+        prompts = [tokenizer.encode(rl_data.render_prompt(r.question, template),
+                                    add_special_tokens=False) for r in records]
+        answers = [r.answer for r in records]
+    limit = config.rollout.max_prompt_tokens
+    if limit:
+        keep = [i for i, p in enumerate(prompts) if len(p) <= limit]
+        if not keep:
+            raise DataError(f"{data.source}: no prompt fits rollout.max_prompt_tokens={limit}")
+        if len(keep) < len(prompts):
+            log.warning("%s: dropped %d of %d prompts longer than rollout.max_prompt_tokens=%d",
+                        data.source, len(prompts) - len(keep), len(prompts), limit)
+        prompts, answers = [prompts[i] for i in keep], [answers[i] for i in keep]
+    return prompts, answers, held_out
+
+
+# ----------------------------------------------------------------------------- model
+def init_model_dir(config: ConfigDict) -> str:
+    """The HF directory (or hub id) ``init_from`` stands for: a run directory means its export;
+    empty without ``init_from``."""
+    return run_export_dir(config.init_from) if config.init_from else ""
+
+
+def build_tokenizer(config: ConfigDict):
+    """``config.tokenizer`` (the built-in character tokenizer, a directory or hub id), else the
+    tokenizer next to the initial weights."""
+    if config.tokenizer == BUILTIN_TOKENIZER:
+        return toy.toy_tokenizer()
+    return load_tokenizer(config.tokenizer or init_model_dir(config))
+
+
+def build_model_config(config: ConfigDict, tokenizer) -> SDARConfig:
+    """The architecture: ``init_from``'s config.json, or ``config.model`` for a fresh model."""
+    if config.init_from:
+        model_config = SDARConfig.from_pretrained(resolve_model_dir(init_model_dir(config)))
+        if "diffusion" in config:  # SFT trains with its own block size: it must be the model's
+            check_model_block_size(config, model_config.block_size)
+        return model_config
+    m = config.model
+    return SDARConfig(
+        vocab_size=m.vocab_size or len(tokenizer), hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
+        head_dim=m.head_dim, block_size=m.block_size, mask_token_id=tokenizer.mask_token_id,
+        rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+
+
+def build_mesh(config: ConfigDict, model_config: SDARConfig, rows: int, rows_field: str
+               ) -> jax.sharding.Mesh:
+    """``config.mesh`` over every device of the run, checked against the model and the number of
+    ``rows`` one step shards over data x fsdp (named ``rows_field`` in errors)."""
+    shape = mesh_lib.mesh_shape(config.mesh, jax.device_count())
+    mesh_lib.check_mesh_fits(shape, model_config, rows, rows_field=rows_field)
+    return mesh_lib.make_mesh(shape)
+
+
+def build_model(config: ConfigDict, model_config: SDARConfig, mesh: jax.sharding.Mesh
+                ) -> SDARForCausalLM:
+    """The model with every parameter created (or loaded from ``init_from``) straight into its
+    sharding on ``mesh``, in the run's compute and parameter dtypes."""
+    dtype = resolve_dtype(config.train.compute_dtype)
+    param_dtype = resolve_dtype(config.train.param_dtype)
+    if config.init_from:
+        model, _ = load_model(init_model_dir(config), dtype, param_dtype=param_dtype, mesh=mesh,
+                              remat=config.model.remat)
+        return model
+    return mesh_lib.sharded_model(
+        lambda: SDARForCausalLM(model_config, rngs=nnx.Rngs(config.seed), dtype=dtype,
+                                param_dtype=param_dtype, remat=config.model.remat), mesh)
+
+
+# ----------------------------------------------------------------------------- run directory
+def start_run(config: ConfigDict, tokenizer) -> tuple[str, str]:
+    """Creates the run directory with ``config.json`` and a copy of the tokenizer (process 0
+    writes); returns the absolute run directory and the tokenizer copy's path. Call it only
+    once everything was validated: nothing is written before."""
+    run_dir = start_run_dir(config.run_dir, config.to_dict())
+    tokenizer_dir = os.path.join(run_dir, "tokenizer")
+    if jax.process_index() == 0 and not os.path.isdir(tokenizer_dir):
+        tokenizer.save_pretrained(tokenizer_dir + ".tmp")
+        os.replace(tokenizer_dir + ".tmp", tokenizer_dir)
+    return run_dir, tokenizer_dir
+
+
+def metrics_writer(config: ConfigDict, run_dir: str, start: int) -> MetricsWriter:
+    """The run's metrics (JSONL, TensorBoard, console), continued from step ``start``."""
+    return MetricsWriter(run_dir, resume_step=start, total_steps=config.train.num_steps,
+                         enabled=jax.process_index() == 0)
+
+
+def export(config: ConfigDict, model: SDARForCausalLM, model_config: SDARConfig, run_dir: str,
+           tokenizer_dir: str) -> None:
+    """``RUN_DIR/export``: the final model as a HF SDAR directory, when ``export.enabled``."""
+    if config.export.enabled:
+        save_model(model, model_config, os.path.join(run_dir, "export"), tokenizer_dir=tokenizer_dir,
+                   dtype=config.export.dtype, overwrite=True)

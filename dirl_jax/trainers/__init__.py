@@ -1,0 +1,1 @@
+"""The training loops: blockwise-diffusion SFT and online DiPO."""

@@ -1,0 +1,139 @@
+"""Blockwise-diffusion SFT (``task = "sft"``): one compiled step per global batch with exact
+gradient accumulation, orbax checkpoints with exact resume, metrics, the built-in held-out
+evaluation and the HF export. The set-up is :mod:`dirl_jax.run`'s."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from dirl_jax import diffusion, run
+from dirl_jax import mesh as mesh_lib
+from dirl_jax.checkpoint import start_or_resume
+from dirl_jax.data import sft as sft_data
+from dirl_jax.evaluation.builtin import builtin_eval_runs, evaluate_builtin
+from dirl_jax.metrics import write_json_atomic
+from dirl_jax.model import SDARConfig
+from dirl_jax.optim import learning_rate_schedule, make_optimizer
+
+
+# ----------------------------------------------------------------------------- the step
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ConfigDict,
+                    model_config: SDARConfig):
+    """One optimizer update per global batch ``[grad_accum, micro_batch, L]``: gradients of the
+    loss numerators are summed over micro-batches and divided by the global number of
+    supervised tokens, so any split of the batch gives the same update."""
+    loss_parts = functools.partial(
+        diffusion.sft_loss_parts, block_size=config.diffusion.block_size,
+        mask_token_id=model_config.mask_token_id, eps=config.diffusion.eps,
+        chunk=config.diffusion.loss_chunk, attn_impl=config.model.attention_impl,
+        block_aligned=True)  # samples are padded to whole blocks before packing
+    schedule = learning_rate_schedule(config.train)
+
+    def numerator(params, micro_batch, row_keys):
+        parts = loss_parts(nnx.merge(graphdef, params), micro_batch, row_keys)
+        return parts.weighted_ce_sum, parts
+
+    def train_step(params, opt_state, batch, key, step):
+        def accumulate(carry, inputs):
+            grads, ce, supervised, masked = carry
+            micro_batch, row_keys = inputs
+            (value, parts), g = jax.value_and_grad(numerator, has_aux=True)(params, micro_batch, row_keys)
+            return (jax.tree.map(jnp.add, grads, g), ce + value, supervised + parts.num_supervised,
+                    masked + parts.num_masked), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros((), jnp.int32),
+                 jnp.zeros((), jnp.int32))
+        keys = jax.random.split(key, batch["tokens"].shape[0] * batch["tokens"].shape[1])
+        keys = keys.reshape(batch["tokens"].shape[:2])  # one noise key per row of the global batch
+        (grads, ce, supervised, masked), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
+        denominator = jnp.maximum(supervised, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": ce / denominator, "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(step), "masked_fraction": masked / denominator,
+                   "supervised_tokens": supervised}
+        return params, opt_state, metrics
+
+    return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def step_key(base_key: jax.Array, step: int) -> jax.Array:
+    """The noise key of a step: a pure function of (seed, step), the same on every host (the
+    global batch's rows then get one key each), so a resumed run, or one split over other hosts
+    or devices, draws exactly the noise of an uninterrupted single-process one."""
+    return jax.random.fold_in(jax.random.fold_in(base_key, step), 0)
+
+
+# ----------------------------------------------------------------------------- the run
+def run_sft(config: ConfigDict) -> dict[str, Any]:
+    """Runs (or resumes) SFT as configured; returns the final evaluation (if any)."""
+    run.validate_sft(config)
+    tokenizer = run.build_tokenizer(config)
+    train_records, eval_records = run.sft_records(config)
+    examples, _ = sft_data.prepare_examples(
+        train_records, tokenizer, block_size=config.diffusion.block_size,
+        max_length=config.data.max_length, overlong=config.data.overlong, source=config.data.source)
+    model_config = run.build_model_config(config, tokenizer)
+    mesh = run.build_mesh(config, model_config, config.train.global_batch // config.train.grad_accum,
+                          rows_field="train.global_batch")
+    model = run.build_model(config, model_config, mesh)
+
+    # Everything was validated: from here on the run directory is written.
+    run_dir, tokenizer_dir = run.start_run(config, tokenizer)
+
+    train = config.train
+    rows_per_host = train.global_batch // jax.process_count()
+    micro = rows_per_host // train.grad_accum
+    data_iter = iter(sft_data.packed_batches(
+        examples, seq_len=config.data.max_length, rows=train.global_batch, seed=config.seed,
+        pad_id=tokenizer.pad_token_id, process_index=jax.process_index(),
+        process_count=jax.process_count(), packing_bins=config.data.packing_bins))
+    tx = make_optimizer(train)
+    graphdef, params, opt_state, checkpointer, start = start_or_resume(
+        model, tx, run_dir, config.checkpoint, data_iter, mesh=mesh)
+    train_step = make_train_step(graphdef, tx, config, model_config)
+    base_key = jax.random.key(config.seed)
+    writer = run.metrics_writer(config, run_dir, start)
+    pending: list[tuple[int, dict[str, jax.Array], int]] = []
+    last_time = time.time()
+    for step in range(start, train.num_steps):
+        batch = next(data_iter)
+        real_tokens = int((batch["segment_ids"] >= 0).sum()) * jax.process_count()  # ~ global
+        batch = mesh_lib.global_batch({k: v.reshape(train.grad_accum, micro, -1)
+                                       for k, v in batch.items()}, mesh, row_axis=1)
+        with jax.set_mesh(mesh):  # Pallas attention kernels then run per device
+            params, opt_state, metrics = train_step(params, opt_state, batch,
+                                                    step_key(base_key, step), step)
+        pending.append((step + 1, metrics, real_tokens))
+        checkpointer.save(step + 1, {"params": params, "opt_state": opt_state}, data_iter,
+                          {"step": step + 1, "seed": config.seed}, force=step + 1 == train.num_steps)
+        if (step + 1) % train.log_every == 0 or step + 1 == train.num_steps:
+            fetched = jax.device_get([m for _, m, _ in pending])
+            elapsed = (time.time() - last_time) / len(pending)
+            writer.write([{"step": s, **{k: float(v) for k, v in m.items()},
+                           "tokens_per_s": n / elapsed}
+                          for (s, _, n), m in zip(pending, fetched)])
+            pending, last_time = [], time.time()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    model = nnx.merge(graphdef, params)
+    result: dict[str, Any] = {}
+    if builtin_eval_runs(eval_records, config):
+        result = evaluate_builtin(model, model_config, tokenizer, eval_records, config, run_dir)
+        print(f"held-out accuracy {result['accuracy']:.3f} on {result['num_examples']} examples "
+              f"({result['strategy']}, {result['tokens_per_step']:.2f} tokens/step)", flush=True)
+        if jax.process_index() == 0:
+            write_json_atomic(os.path.join(run_dir, "eval.json"), result)
+    run.export(config, model, model_config, run_dir, tokenizer_dir)
+    return result
