@@ -312,7 +312,9 @@ def test_objective_starts_at_ratio_one_and_a_step_follows_the_advantages(seed):
     assert sum(float(p[0][0]) for p in parts) == pytest.approx(float(loss), abs=1e-6)
     summed = jax.tree.map(lambda *g: sum(g), *[p[1] for p in parts])
     for a, b in zip(jax.tree.leaves(summed), jax.tree.leaves(grads)):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+        # per tensor, in norm: fp32 sums in another order can cancel in single elements
+        # (seed 646657930: 2e-6 on one of 1,464), a missing or mis-weighted part cannot hide
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + 1e-7
     reduced = dipo.reduce_stats([{k: float(v) for k, v in p[0][1].items()} for p in parts])
     assert reduced["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert reduced["loss_tokens"] == len(packed.score_row)
