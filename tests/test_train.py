@@ -249,7 +249,7 @@ def test_cli_contract_runs_resumes_and_reports(tmp_path):
     common = ["--config", "configs/sft_tiny.py", f"--config.run_dir={run_dir}", "--config.seed=3",
               "--config.checkpoint.every_steps=2", "--config.eval.num_examples=4",
               "--config.eval.max_new_tokens=8", "--config.train.log_every=1",
-              "--config.data.builtin_train_size=200", "--config.data.builtin_eval_size=4",
+              "--config.data.builtin_train_size=200", "--config.data.builtin_eval_size=6",
               "--config.model.num_hidden_layers=1", "--config.model.hidden_size=32",
               "--config.model.intermediate_size=64"]
     first = run_cli(*common, "--config.train.num_steps=2")
@@ -265,7 +265,9 @@ def test_cli_contract_runs_resumes_and_reports(tmp_path):
     assert 0 <= low <= result["accuracy"] <= high <= 1 and len(result["correct"]) == 4
     # the evaluated set, exactly: the first 4 held-out problems of the split
     data = json.loads((run_dir / "config.json").read_text())["data"]
-    _, heldout = toy.builtin_split(data["split_seed"], 0, 4, data["builtin_max_operand"])
+    _, heldout = toy.builtin_split(data["split_seed"], 0, data["builtin_eval_size"],
+                                   data["builtin_max_operand"])
+    heldout = heldout[:4]  # eval.num_examples of the 6 held out
     assert [json.loads(line) for line in (run_dir / "heldout.jsonl").read_text().splitlines()] == \
         [{"question": r["question"], "answer": r["answer"]} for r in heldout]
     assert (run_dir / "export" / "config.json").is_file()
