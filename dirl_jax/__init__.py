@@ -2,7 +2,7 @@
 
 from dirl_jax.canvas import Canvas
 from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
-from dirl_jax.rollout.sampler import generate
+from dirl_jax.rollout.decoder import generate
 
 __version__ = "0.1.0"
 

@@ -47,6 +47,8 @@ def decoding_defaults(**overrides: Any) -> dict[str, Any]:
 
 
 # The built-in held-out evaluation: greedy (T = 0) one-token-per-step decoding.
+# how the in-process engine writes a completed block's clean keys/values (dirl_jax.rollout.decoder)
+COMMIT_MODES = ("auto", "fused", "separate")
 BUILTIN_EVAL_DECODING = dict(strategy="low_confidence_static", temperature=0.0, max_new_tokens=32)
 
 
@@ -76,7 +78,7 @@ def sft_defaults() -> ConfigDict:
         b2=0.999, adam_eps=1e-8, max_grad_norm=1.0, compute_dtype="float32",
         param_dtype="float32", log_every=10))
     config.checkpoint = ConfigDict(dict(every_steps=500, keep=2))
-    config.eval = ConfigDict(dict(num_examples=200, batch_size=100,
+    config.eval = ConfigDict(dict(num_examples=200, batch_size=100,  # batch_size: decode slots
                                   **decoding_defaults(**BUILTIN_EVAL_DECODING)))
     config.export = ConfigDict(dict(enabled=True, dtype="bfloat16"))
     return config
@@ -136,6 +138,9 @@ def dipo_defaults() -> ConfigDict:
         oversample=0,                     # prompts drawn per sampling round = oversample x prompts_per_step;
                                           # 0: the original's rule (dirl_jax.dipo.oversample_factor)
         max_prompt_tokens=0,              # longer prompts are dropped; 0 = keep all
+        slots=0,                          # in-process engine: rows decoded at once, refilled as rows
+                                          # finish (continuous batching); 0 = every row of a call
+        commit="auto",                    # in-process engine: fused | separate | auto (fused off CPU)
         engine="jax",                     # "jax" (in-process), "lmdeploy" (torch_bridge's client)
                                           # or "module:Class" of a RolloutEngine
         engine_options=ConfigDict(dict(   # external engine: e.g. servers="http://h:23333,http://h2:23333",
@@ -173,6 +178,9 @@ def check_dipo_fields(config: ConfigDict) -> None:
     check(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be positive")
     check(r.oversample >= 0, "rollout.oversample", f"must be >= 0 (0 = automatic), got {r.oversample}")
     check(r.max_prompt_tokens >= 0, "rollout.max_prompt_tokens", "must be >= 0")
+    check(r.slots >= 0, "rollout.slots", f"must be >= 0 (0 = every row at once), got {r.slots}")
+    check(r.commit in COMMIT_MODES, "rollout.commit",
+          f"must be one of {', '.join(COMMIT_MODES)}, got {r.commit!r}")
     check(r.group_size > 1, "rollout.group_size", f"must be > 1 (group advantages), got {r.group_size}")
     check(t.advantage in ("zscore", "center"), "train.advantage",
           f"must be 'zscore' or 'center', got {t.advantage!r}")

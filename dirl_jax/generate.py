@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dirl_jax.rollout.sampler import generate
+from dirl_jax.rollout.decoder import generate
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -50,8 +50,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompt = tokenizer.encode(text, add_special_tokens=False)
     stop_ids = stop_token_ids(tokenizer)
 
-    def print_block(tokens: np.ndarray, positions: np.ndarray, completed: np.ndarray) -> None:
-        if completed[0]:
+    def print_block(prompt_index: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
+                    completed: np.ndarray) -> None:
+        if prompt_index[0] == 0 and completed[0]:
             new = [int(t) for t, p in zip(tokens[0], positions[0]) if p >= len(prompt)]
             sys.stdout.write(tokenizer.decode(new))
             sys.stdout.flush()

@@ -11,7 +11,8 @@ import pytest
 from conftest import random_model, tiny_config
 from dirl_jax import canvas as canvas_lib
 from dirl_jax import dipo
-from dirl_jax.rollout.sampler import SamplingConfig, decode_prompts
+from dirl_jax.rollout.decoder import decode_prompts
+from dirl_jax.rollout.sampler import SamplingConfig
 
 BLOCK = 4
 

@@ -34,9 +34,12 @@ def test_two_process_dipo_reproduces_one_process_and_resumes(tmp_path):
     for got, want in zip(two, reference):
         assert got["generated_tokens"] == want["generated_tokens"]
         assert got["canvas_rows"] == want["canvas_rows"]
-        for key in ("loss", "grad_norm", "reward_mean", "log_ratio_abs_max"):
+        for key in ("loss", "grad_norm", "reward_mean"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
-        assert got["log_ratio_abs_max"] < 1e-4 and got["grad_norm"] > 0
+        # sampler-vs-trainer log-prob noise: the one-process run decodes on the trainer's fsdp
+        # mesh, each of the two processes from its own replica (other fp32 reduction orders)
+        assert got["log_ratio_abs_max"] < 1e-5 and want["log_ratio_abs_max"] < 1e-5
+        assert got["grad_norm"] > 0
     # the 2-process checkpoint (step 2) resumes in one process on a tensor-parallel mesh
     resumed = dipo_cli(tmp_path / "two", model, 8, "--config.train.num_steps=3",
                        "--config.mesh.tensor=2")

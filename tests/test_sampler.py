@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from conftest import random_model, tiny_config
 from dirl_jax import canvas as canvas_lib
-from dirl_jax.rollout.sampler import SamplingConfig, decode_prompts
+from dirl_jax.rollout.decoder import decode_prompts
+from dirl_jax.rollout.sampler import SamplingConfig
 from naive_decoder import naive_generate
 
 BLOCK = 4
@@ -150,11 +152,13 @@ def test_min_new_tokens_and_banned_tokens(seed):
         sampling(config, max_new_tokens=4, min_new_tokens=8)
 
 
-def test_stop_tokens_and_length_limit(seed):
+@pytest.mark.parametrize("commit", ["separate", "fused"])
+def test_stop_tokens_and_length_limit(seed, commit):
     config, model = peaky_model(seed)
     prompts = random_prompts(np.random.default_rng(seed), lengths=(5, 8, 13, 2, 7, 11))
     cfg = sampling(config, temperature=1.0, max_new_tokens=9, stop_ids=(STOP, 11, 12, 13, 14, 15))
-    for prompt, result in zip(prompts, decode_prompts(model, prompts, cfg, seed=seed)):
+    for prompt, result in zip(prompts, decode_prompts(model, prompts, cfg, seed=seed,
+                                                      commit=commit)):
         tokens = result["token_ids"]
         assert (len(prompt) + len(tokens)) % BLOCK == 0  # whole blocks, aligned at position 0
         stops = [i for i, t in enumerate(tokens) if t in cfg.stop_ids]
@@ -165,9 +169,11 @@ def test_stop_tokens_and_length_limit(seed):
             assert result["finish_reason"] == "length" and not stops
             assert cfg.max_new_tokens <= len(tokens) < cfg.max_new_tokens + BLOCK
             assert result["length"] == len(tokens)
-        # one prefill, then every block costs its denoising forwards plus a commit (not the last)
+        # one prefill, then every block costs its denoising forwards plus, when separate, a
+        # commit forward (not the last); fused commits ride on the next block's first forward
         blocks = len({(len(prompt) + i) // BLOCK for i in range(len(tokens))})
-        assert result["num_forwards"] == 1 + result["num_steps"] + blocks - 1
+        commits = blocks - 1 if commit == "separate" else 0
+        assert result["num_forwards"] == 1 + result["num_steps"] + commits
 
 
 def test_bad_sampling_settings_name_the_field():
@@ -219,17 +225,39 @@ def test_public_generate_and_streaming_cli(tmp_path, seed):
     assert summary.startswith(f"[{len(again['token_ids'])} tokens, {again['num_steps']} steps")
 
 
-def test_data_parallel_decoding_over_a_mesh_equals_one_device(seed):
-    import jax
-    config, model = peaky_model(seed)
+@pytest.mark.parametrize("shape", [(4, 1, 1), (8, 1, 1), (2, 1, 4)])
+def test_decoding_over_a_mesh_equals_one_device(seed, shape):
+    """Slots over the data axis, parameters and KV heads over the tensor axis: the same tokens
+    and step maps as one device (log-probs to fp32 reduction order)."""
+    from dirl_jax.mesh import make_mesh
+    config = tiny_config(block_size=BLOCK, vocab=64, kv_heads=4)
+    model = random_model(config, seed)
+    model.lm_head.weight.set_value(model.lm_head.weight.get_value() * 25.0)
     prompts = random_prompts(np.random.default_rng(seed), lengths=(5, 8, 13, 2, 9, 3))
-    cfg = sampling(config, strategy="low_confidence_dynamic")
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = decode_prompts(model, prompts, cfg, mesh=mesh)  # 6 rows padded to 8 over 4 devices
+    cfg = sampling(config, strategy="low_confidence_dynamic", temperature=1.0)
+    mesh = make_mesh(shape, jax.devices()[:int(np.prod(shape))])
+    sharded = decode_prompts(model, prompts, cfg, seed=seed, mesh=mesh, slots=4)
     assert len(sharded) == len(prompts)
-    for got, want in zip(sharded, decode_prompts(model, prompts, cfg)):
+    for got, want in zip(sharded, decode_prompts(model, prompts, cfg, seed=seed)):
         assert got["token_ids"] == want["token_ids"] and got["step_map"] == want["step_map"]
         np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
+
+
+def test_tensor_parallel_decoding_shards_weights_and_cache(seed):
+    """No replica: q_proj rows, the vocabulary head and the KV cache's heads are split over
+    ``tensor``, the slots over ``data``."""
+    from dirl_jax.mesh import make_mesh
+    from dirl_jax.rollout import decoder
+    config = tiny_config(block_size=BLOCK, vocab=64, kv_heads=4)
+    model = random_model(config, seed)
+    mesh = make_mesh((2, 1, 4), jax.devices())
+    state = decoder.empty_slots(model, 4, 32, sampling(config))
+    params, state = decoder._place(mesh, nnx.state(model), state)
+    spec = lambda x: tuple(x.sharding.spec)  # noqa: E731
+    assert spec(params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"][...])[0] == "tensor"
+    assert spec(params["lm_head"]["weight"][...])[0] == "tensor"
+    assert spec(state.cache[0].keys)[:3] == (("data", "fsdp"), None, "tensor")
+    assert spec(state.tokens)[0] == ("data", "fsdp")
 
 
 def test_in_process_engine_samples_from_the_updated_weights(seed):

@@ -145,7 +145,7 @@ def step_map_problem(step_map: Sequence[int], prompt_length: int, block_size: in
 
 def response_result(token_ids: list[int], step_map: list[int], prompt_length: int, block_size: int,
                     stop_ids: Sequence[int]) -> dict[str, Any]:
-    """A validated response as :func:`dirl_jax.rollout.sampler.decode_prompts` reports it.
+    """A validated response as :func:`dirl_jax.rollout.decoder.decode_prompts` reports it.
 
     ``logprobs`` is None: LMDeploy's dLLM log-probs are broken (InternLM/lmdeploy issue #4206), so
     DiPO must recompute the old log-probs with the trainer. ``finish_reason`` is ``stop`` iff a

@@ -15,7 +15,8 @@ from dirl_jax.data import sft as sft_data
 from dirl_jax.data.tokenizer import stop_token_ids
 from dirl_jax.model import SDARConfig, SDARForCausalLM
 from dirl_jax.rewards import extract_last_boxed
-from dirl_jax.rollout.sampler import SamplingConfig, decode_prompts
+from dirl_jax.rollout.decoder import decode_prompts
+from dirl_jax.rollout.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
 HELDOUT_FILE = "heldout.jsonl"
@@ -54,17 +55,12 @@ def evaluate_builtin(model: SDARForCausalLM, model_config: SDARConfig, tokenizer
     sampling = SamplingConfig.from_fields(
         config.eval, block_size=model_config.block_size, mask_token_id=model_config.mask_token_id,
         stop_ids=stop_token_ids(tokenizer), attn_impl=config.model.attention_impl)
-    correct: list[int] = []
-    tokens_per_step = []
-    for start in range(0, len(records), config.eval.batch_size):
-        chunk = records[start:start + config.eval.batch_size]
-        prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in chunk]
-        results = decode_prompts(model, prompts, sampling, seed=0,
-                                 pad_token_id=tokenizer.pad_token_id or 0)
-        for record, result in zip(chunk, results):
-            text = tokenizer.decode(result["token_ids"])
-            correct.append(int(extract_last_boxed(text) == record["answer"]))
-            tokens_per_step.append(result["tokens_per_step"])
+    prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in records]
+    results = decode_prompts(model, prompts, sampling, seed=0, slots=config.eval.batch_size,
+                             pad_token_id=tokenizer.pad_token_id or 0) if prompts else []
+    correct = [int(extract_last_boxed(tokenizer.decode(result["token_ids"])) == record["answer"])
+               for record, result in zip(records, results)]
+    tokens_per_step = [result["tokens_per_step"] for result in results]
     accuracy = sum(correct) / max(len(records), 1)
     return {"accuracy": accuracy, "accuracy_ci95": wilson_interval(sum(correct), len(records)),
             "num_examples": len(records),

@@ -111,15 +111,17 @@ class Attention(nnx.Module):
                                                  layout=layout))
 
     def cached(self, x_BTE: jax.Array, rope: tuple[jax.Array, jax.Array], cache: LayerCache,
-               write_at: jax.Array, q_canvas: Canvas, kv_canvas: Canvas, impl: str
+               write_cols: jax.Array, q_canvas: Canvas, kv_canvas: Canvas, impl: str
                ) -> tuple[jax.Array, LayerCache]:
-        """Writes this chunk's keys/values into ``cache`` at ``write_at[b]`` of every row, then
-        attends over the whole cache (``kv_canvas`` tags say which cache slots are visible)."""
+        """Writes this chunk's keys/values into ``cache`` at slots ``write_cols [batch, chunk]``,
+        then attends over the first ``kv_canvas.shape[1]`` cache slots (the window; its tags say
+        which slots are visible)."""
         q, k, v = self._qkv(x_BTE, rope)
-        cache = LayerCache(keys=_write_rows(cache.keys, k, write_at),
-                           values=_write_rows(cache.values, v, write_at))
-        out = attention_lib.attention(q, cache.keys, cache.values, q_canvas=q_canvas,
-                                      kv_canvas=kv_canvas, impl=impl)
+        cache = LayerCache(keys=_write_rows(cache.keys, k, write_cols),
+                           values=_write_rows(cache.values, v, write_cols))
+        window = kv_canvas.shape[1]
+        out = attention_lib.attention(q, cache.keys[:, :window], cache.values[:, :window],
+                                      q_canvas=q_canvas, kv_canvas=kv_canvas, impl=impl)
         return self._out(out), cache
 
 
@@ -131,12 +133,10 @@ class LayerCache:
     values: jax.Array
 
 
-def _write_rows(cache: jax.Array, chunk: jax.Array, write_at: jax.Array) -> jax.Array:
-    """``cache[b, write_at[b]:write_at[b] + n] = chunk[b]`` for every row ``b``."""
+def _write_rows(cache: jax.Array, chunk: jax.Array, cols: jax.Array) -> jax.Array:
+    """``cache[b, cols[b, j]] = chunk[b, j]`` for every row ``b`` (distinct columns per row)."""
     rows = jnp.arange(cache.shape[0])[:, None]
-    cols = write_at[:, None] + jnp.arange(chunk.shape[1])[None, :]
-    return cache.at[rows, cols].set(chunk.astype(cache.dtype), unique_indices=True,
-                                    indices_are_sorted=True)
+    return cache.at[rows, cols].set(chunk.astype(cache.dtype), unique_indices=True)
 
 
 def init_cache(config: SDARConfig, batch: int, max_length: int, dtype: Dtype) -> tuple[LayerCache, ...]:
@@ -178,9 +178,9 @@ class DecoderLayer(nnx.Module):
         return constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL)
 
     def cached(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: LayerCache,
-               write_at: jax.Array, q_canvas: Canvas, kv_canvas: Canvas, impl: str
+               write_cols: jax.Array, q_canvas: Canvas, kv_canvas: Canvas, impl: str
                ) -> tuple[jax.Array, LayerCache]:
-        h, cache = self.self_attn.cached(self.input_layernorm(x), rope, cache, write_at,
+        h, cache = self.self_attn.cached(self.input_layernorm(x), rope, cache, write_cols,
                                          q_canvas, kv_canvas, impl)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
@@ -256,20 +256,22 @@ class SDARForCausalLM(nnx.Module):
         return self.model.norm(x)
 
     def cached_hidden_states(self, q_canvas: Canvas, kv_canvas: Canvas,
-                             cache: tuple[LayerCache, ...], write_at: jax.Array, *,
+                             cache: tuple[LayerCache, ...], write_cols: jax.Array, *,
                              attn_impl: str = "auto") -> tuple[jax.Array, tuple[LayerCache, ...]]:
-        """Hidden states of a chunk of tokens (``q_canvas``, e.g. a prompt or one block) that
-        attends to the KV cache, after writing the chunk's keys/values at ``write_at [batch]``.
+        """Hidden states of a chunk of tokens (``q_canvas``, e.g. a prompt or blocks being
+        decoded) that attends to the KV cache, after writing the chunk's keys/values at cache
+        slots ``write_cols [batch, chunk]``.
 
-        ``kv_canvas`` holds the tags of the cache slots (``[batch, max_length]``); slots the chunk
-        must not see (stale or empty) carry segment ``-1``.
+        ``kv_canvas`` holds the tags of the first ``window`` cache slots (``[batch, window]``, at
+        most the cache length): the chunk attends over those only; slots it must not see (stale,
+        empty or not yet written) carry segment ``-1``.
         """
         rope = rotary_tables(q_canvas.positions, self.config.head_dim, self.config.rope_theta,
                              self.dtype)
         x = self.model.embed_tokens(q_canvas.tokens)
         new_cache = []
         for layer, layer_cache in zip(self.model.layers, cache):
-            x, layer_cache = layer.cached(x, rope, layer_cache, write_at, q_canvas, kv_canvas,
+            x, layer_cache = layer.cached(x, rope, layer_cache, write_cols, q_canvas, kv_canvas,
                                           attn_impl)
             new_cache.append(layer_cache)
         return self.model.norm(x), tuple(new_cache)

@@ -292,7 +292,8 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     options = {k: v for k, v in r.engine_options.items() if v}  # used by external engines only
     options.setdefault("model_dir", model_dir)
     engine = make_engine(r.engine, model, sampling, pad_token_id=tokenizer.pad_token_id or 0,
-                         tokenizer=config.tokenizer or model_dir, options=options)
+                         tokenizer=config.tokenizer or model_dir, options=options, mesh=mesh,
+                         slots=r.slots, commit=r.commit)
     # the same global prompt order on every host (and so for any host count)
     stream = iter(rl_data.prompt_batches(len(prompts), prompts_per_step=r.prompts_per_step,
                                          seed=config.seed))
