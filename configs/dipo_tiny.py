@@ -15,7 +15,7 @@ def get_config() -> ConfigDict:
     config.init_from = "runs/sft_tiny"
     config.data.builtin_max_operand = 99
     config.rollout.update(prompts_per_step=32, group_size=8, strategy="low_confidence_dynamic",
-                          threshold=0.9, max_new_tokens=32, temperature=1.0)
+                          threshold=0.9, max_new_tokens=40, temperature=1.0)
     config.train.update(num_steps=100, learning_rate=1e-4, ppo_iterations=2, canvas_rows=32,
                         row_length=1024, dynamic_sampling=True, max_sampling_rounds=4)
     config.checkpoint.every_steps = 25

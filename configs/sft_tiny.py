@@ -11,14 +11,13 @@ def get_config() -> ConfigDict:
     config.run_dir = "runs/sft_tiny"
     config.tokenizer = "builtin:toy"
     config.data.source = "builtin:arithmetic"
-    config.data.max_length = 80
+    config.data.max_length = 92
     config.data.builtin_max_operand = 99
     config.model.update(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, block_size=4)
-    config.train.update(num_steps=2500, global_batch=16, grad_accum=1, learning_rate=1.5e-3,
-                        warmup_steps=100, schedule="cosine", weight_decay=0.01,
+    config.train.update(num_steps=2000, global_batch=16, grad_accum=1, learning_rate=1e-3,
+                        warmup_steps=100, schedule="constant", weight_decay=0.01,
                         compute_dtype="float32", param_dtype="float32")
     config.checkpoint.every_steps = 500
     config.eval.num_examples = 500
-    config.eval.max_new_tokens = 32
     return config

@@ -46,10 +46,11 @@ def decoding_defaults(**overrides: Any) -> dict[str, Any]:
     return {**fields, **overrides}
 
 
-# The built-in held-out evaluation: greedy (T = 0) one-token-per-step decoding.
 # how the in-process engine writes a completed block's clean keys/values (dirl_jax.rollout.decoder)
 COMMIT_MODES = ("auto", "fused", "separate")
-BUILTIN_EVAL_DECODING = dict(strategy="low_confidence_static", temperature=0.0, max_new_tokens=32)
+# The built-in held-out evaluation: greedy (T = 0) one-token-per-step decoding, room for the
+# built-in task's longest worked answer (34 response tokens) and block alignment.
+BUILTIN_EVAL_DECODING = dict(strategy="low_confidence_static", temperature=0.0, max_new_tokens=40)
 
 
 def sft_defaults() -> ConfigDict:

@@ -78,3 +78,24 @@ def test_dipo_refuses_a_split_other_than_its_sft_runs(tmp_path):
             dipo_train.check_same_split(changed)
     changed.data.source = "prompts.jsonl"  # another task: nothing to compare
     dipo_train.check_same_split(changed)
+
+
+@pytest.mark.parametrize("a,b,width,expected", [
+    (7, 45, 2, r"07+45:7+5=12,0+4+1=05,\boxed{52}"),
+    (99, 99, 2, r"99+99:9+9=18,9+9+1=19,\boxed{198}"),
+    (0, 3, 2, r"00+03:0+3=03,0+0+0=00,\boxed{3}"),
+    (5, 8, 1, r"5+8:5+8=13,\boxed{13}"),
+    (123, 989, 3, r"123+989:3+9=12,2+8+1=11,1+9+1=11,\boxed{1112}"),
+])
+def test_worked_answer_adds_column_by_column(a, b, width, expected):
+    assert toy.worked_answer(a, b, width) == expected
+
+
+def test_every_record_answers_its_own_question():
+    """The question's operands, the worked answer's columns and the gold answer agree."""
+    train, heldout = toy.builtin_split(3, 300, 100, 99)
+    for record in train + heldout:
+        a, b = map(int, re.findall(r"\d+", record["question"]))
+        answer = record["messages"][-1]["content"]
+        assert answer == toy.worked_answer(a, b, 2) and record["answer"] == str(a + b)
+        assert answer.endswith(f"\\boxed{{{a + b}}}")

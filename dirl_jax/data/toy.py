@@ -51,16 +51,32 @@ def operand_pairs(max_operand: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(max_operand + 1) for b in range(a, max_operand + 1)]
 
 
+def worked_answer(a: int, b: int, width: int) -> str:
+    """The toy task's worked answer: the operands restated zero-padded to ``width`` digits, one
+    column addition per digit from the ones upwards (with the carry), then the boxed sum::
+
+        07+45:7+5=12,0+4+1=05,\\boxed{52}
+
+    Every column is a one-digit fact seen in many training problems, so a held-out pair is
+    answered from facts it shares with training pairs."""
+    digits_a, digits_b = f"{a:0{width}d}", f"{b:0{width}d}"
+    columns, carry = [], None
+    for x, y in zip(reversed(digits_a), reversed(digits_b)):
+        total = int(x) + int(y) + (carry or 0)
+        columns.append(f"{x}+{y}{'' if carry is None else f'+{carry}'}={total:02d}")
+        carry = total // 10
+    return f"{digits_a}+{digits_b}:{','.join(columns)},\\boxed{{{a + b}}}"
+
+
 def arithmetic_record(rng: random.Random, pair: tuple[int, int], width: int) -> dict:
-    """One problem about ``pair`` (random operand order and template): DiRL's SFT ``messages`` plus
-    ``question`` and gold ``answer``. The worked answer restates the operands zero-padded to
-    ``width`` digits (``07+45=\\boxed{52}``), so digits of equal weight sit at fixed distances."""
+    """One problem about ``pair`` (random operand order and template): DiRL's SFT ``messages``
+    (the answer worked column by column, :func:`worked_answer`) plus ``question`` and gold
+    ``answer``."""
     a, b = pair if rng.random() < 0.5 else pair[::-1]
     question = rng.choice(_TEMPLATES).format(a=a, b=b)
-    gold = str(a + b)
     return {"messages": [{"role": "user", "content": question},
-                         {"role": "assistant", "content": f"{a:0{width}d}+{b:0{width}d}=\\boxed{{{gold}}}"}],
-            "question": question, "answer": gold}
+                         {"role": "assistant", "content": worked_answer(a, b, width)}],
+            "question": question, "answer": str(a + b)}
 
 
 def builtin_split(seed: int, train_size: int, eval_size: int, max_operand: int
