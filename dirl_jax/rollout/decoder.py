@@ -174,7 +174,9 @@ def admit(model: SDARForCausalLM, state: Slots, slot_ids: jax.Array, prompt_toke
     cache = tuple(LayerCache(keys=old.keys.at[slot_ids, :bucket].set(new.keys, mode="drop"),
                              values=old.values.at[slot_ids, :bucket].set(new.values, mode="drop"))
                   for old, new in zip(state.cache, fresh))
-    row = functools.partial(lambda x, value: x.at[slot_ids].set(value, mode="drop"))
+    def row(x: jax.Array, value: Any) -> jax.Array:
+        return x.at[slot_ids].set(value, mode="drop")
+
     full = jnp.full((k, state.tokens.shape[1]), cfg.mask_token_id, jnp.int32)
     return state.replace(
         cache=cache, tokens=row(state.tokens, full.at[:, :bucket].set(tokens)),
