@@ -25,7 +25,7 @@ MESHES = [(8, 1, 1), (4, 2, 1), (2, 2, 2), (4, 1, 2), (1, 4, 2)]
 def small_config():
     config = sft_defaults()
     config.tokenizer = "builtin:toy"
-    config.data.update(max_length=64, builtin_train_size=200, builtin_eval_size=0)
+    config.data.update(max_length=96, builtin_train_size=200, builtin_eval_size=0)
     config.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     config.train.update(global_batch=8, adam_eps=1.0)  # eps 1: the update is smooth in the gradient
@@ -50,9 +50,9 @@ def test_data_fsdp_and_tensor_meshes_give_the_single_device_update(seed):
     config = small_config()
     tokenizer = run_lib.build_tokenizer(config)
     records, _ = run_lib.sft_records(config)
-    examples, _ = sft_data.prepare_examples(records, tokenizer, block_size=4, max_length=64,
+    examples, _ = sft_data.prepare_examples(records, tokenizer, block_size=4, max_length=96,
                                             overlong="drop")
-    batch = next(iter(sft_data.packed_batches(examples, seq_len=64, rows=8, seed=seed, pad_id=0)))
+    batch = next(iter(sft_data.packed_batches(examples, seq_len=96, rows=8, seed=seed, pad_id=0)))
     _, want_params, want = one_update(config, (1, 1, 1), jax.devices()[:1], batch, seed)
     for shape in MESHES:
         params, got_params, got = one_update(config, shape, jax.devices(), batch, seed)
