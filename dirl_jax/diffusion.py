@@ -50,6 +50,7 @@ def noise_row(key: jax.Array, tokens: jax.Array, labels: jax.Array, segment_ids:
     return Noised(jnp.where(masked, mask_token_id, tokens), masked, p_tries[chosen])
 
 
+@jax.named_scope("noise")
 def noise_batch(keys: jax.Array, tokens: jax.Array, labels: jax.Array, segment_ids: jax.Array,
                 **kwargs) -> Noised:
     """:func:`noise_row` over a batch, one key per row (so noise does not depend on how a

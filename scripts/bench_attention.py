@@ -4,7 +4,9 @@
         [--head-dim 128] [--block-size 4] [--dtype float32] [--impls reference tiled ...]
         [--repeats 5] [--json out.json]
 
-Times are the median of ``--repeats`` calls after one warm-up (compile) call. ``seq_len`` is the
+Every (impl, pass) runs once to compile and warm up, then they alternate (A B C A B C ...,
+``--repeats`` calls each); the table shows the best call, the median and whether other
+processes took CPU meanwhile (``busy``, :func:`benchlib.alternate`). ``seq_len`` is the
 canvas length 2n (n clean + n noisy tokens, one sample). Effective FLOP/s counts the matmul FLOPs
 of the non-empty tiles only (forward: QK^T and PV; forward+backward: 3.5x that, the flash
 recompute), so implementations are compared on the work the mask actually needs.
@@ -15,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from typing import Any, Callable
 
 import benchlib
@@ -42,16 +42,6 @@ def two_stream(n: int, block_size: int) -> canvas_lib.Canvas:
 def nonempty_fraction(canvas: canvas_lib.Canvas, tile: tuple[int, int]) -> float:
     table = np.asarray(schedule_lib.tile_schedule(canvas, q_tile=tile[0], kv_tile=tile[1]).table)
     return float((table != canvas_lib.TILE_EMPTY).mean())
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def jax_runners(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, n: int,
@@ -128,7 +118,8 @@ def main() -> None:
           f"B={args.block_size} {args.dtype}")
     dtype = jnp.dtype(args.dtype)
     records: list[dict[str, Any]] = []
-    header = f"{'impl':>12} {'2n':>6} {'pass':>8} {'seconds':>10} {'tiles':>6} {'eff GFLOP/s':>12}"
+    header = (f"{'impl':>12} {'2n':>6} {'pass':>8} {'best s':>10} {'median':>10} {'tiles':>6} "
+              f"{'eff GFLOP/s':>12} {'busy':>5}")
     print(header)
     print("-" * len(header))
     for length in args.seq_lens:
@@ -142,6 +133,7 @@ def main() -> None:
         tile = DEFAULT_TILES["tiled"]
         fraction = nonempty_fraction(two_stream(n, args.block_size), tile)
         fwd_flops = 4 * args.heads * args.head_dim * length * length * fraction
+        sides: dict[tuple[str, str], Callable[[], Any]] = {}
         for impl in impls:
             if not fits_in_memory(impl, length, args.heads):
                 print(f"{impl:>12} {length:>6}  skipped: dense scores would not fit in memory")
@@ -152,16 +144,23 @@ def main() -> None:
                 resolve_impl(impl)  # validates the name
                 runners = jax_runners(impl, q, k, v, n, args.block_size)
             for pass_name, run in runners.items():
-                seconds = median_seconds(run, args.repeats)
-                flops = fwd_flops * (BACKWARD_FACTOR if pass_name == "fwd_bwd" else 1.0)
-                records.append({"impl": impl, "seq_len": length, "pass": pass_name,
-                                "seconds": seconds, "nonempty_tile_fraction": fraction,
-                                "effective_flops_per_s": flops / seconds, "heads": args.heads,
-                                "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-                                "block_size": args.block_size, "dtype": args.dtype,
-                                **machine})
-                print(f"{impl:>12} {length:>6} {pass_name:>8} {seconds:>10.4f} {fraction:>6.3f} "
-                      f"{flops / seconds / 1e9:>12.1f}", flush=True)
+                sides[impl, pass_name] = lambda run=run: jax.block_until_ready(run())
+        for run in sides.values():
+            run()  # compile + warm-up
+        for (impl, pass_name), t in benchlib.alternate(sides, args.repeats).items():
+            flops = fwd_flops * (BACKWARD_FACTOR if pass_name == "fwd_bwd" else 1.0)
+            records.append({"impl": impl, "seq_len": length, "pass": pass_name,
+                            "seconds": t["min"], "median_seconds": t["median"],
+                            "all_seconds": t["seconds"], "nonempty_tile_fraction": fraction,
+                            "effective_flops_per_s": flops / t["min"], "heads": args.heads,
+                            "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+                            "block_size": args.block_size, "dtype": args.dtype,
+                            "load_before": t["load_before"], "load_after": t["load_after"],
+                            "other_cores": t["other_cores"],
+                            "busy": t["busy"], **machine})
+            print(f"{impl:>12} {length:>6} {pass_name:>8} {t['min']:>10.4f} {t['median']:>10.4f} "
+                  f"{fraction:>6.3f} {flops / t['min'] / 1e9:>12.1f} {'yes' if t['busy'] else 'no':>5}",
+                  flush=True)
     benchlib.write_records(args.json, records)
 
 

@@ -23,8 +23,9 @@ Sides: ``engine`` (continuous batching: a finished row's slot takes the next pro
 ``torch``: transformers' Qwen3 decoding block by block with a ``DynamicCache`` (denoising forwards
 cropped off the cache, one commit forward per block kept), the rows of a batch in lock step until
 its longest row ends. Each side runs once to warm up (compilation excluded), then ``--repeats``
-times, the sides alternating (A B C A B C ...); the table shows the best run and JSON records
-every run's seconds. Tokens/s counts the tokens each row was asked for (whole blocks), the same
+times, the sides alternating (A B C A B C ...); the table shows the best run and whether other
+processes took CPU meanwhile (``busy``, :func:`benchlib.alternate`), and JSON records every run's
+seconds. Tokens/s counts the tokens each row was asked for (whole blocks), the same
 on every side; forwards count one per row per forward (without the prefill). JSON records the
 engine's KV-cache allocation (``cache_bytes``: slots x capacity, fp32) and the bytes one token's
 keys and values take (``cache_bytes_per_token``).
@@ -255,6 +256,7 @@ def main() -> None:
                                 "forwards": forwards, "speedup_vs_static": ratio["static"],
                                 "speedup_vs_torch": ratio["torch"], "same_tokens_as_torch": same,
                                 "load_before": t["load_before"], "load_after": t["load_after"],
+                                "other_cores": t["other_cores"],
                                 "busy": t["busy"], "strategy": args.strategy,
                                 "cache_bytes": cache_bytes if side != "torch" else None,
                                 "cache_bytes_per_token": token_bytes,

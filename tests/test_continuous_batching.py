@@ -82,6 +82,43 @@ def test_finished_slots_take_waiting_prompts_at_once(seed):
     assert lone_changes(slot_history(False)) == 0
 
 
+@pytest.mark.parametrize("occupant,shards,want", [
+    ([5, -1, -1, -1, 7, -1, -1, -1], 1, [0, 4]),          # 2 live of 8: two slots
+    ([5, -1, -1, -1, 7, -1, 9, -1], 1, [0, 4, 6, 1]),     # 3 live: four slots, a free one pads
+    ([5, -1, 3, -1, 7, -1, 9, -1], 1, [0, 2, 4, 6]),      # 4 live of 8: exactly half moves
+    ([5, 1, 3, -1, 7, -1, 9, -1], 1, None),               # 5 live of 8: all slots kept
+    ([5, -1, -1, -1, -1, -1, -1, -1], 4, [0, 1, 2, 3]),   # 1 live over 4 data shards: four slots
+    ([5, -1, -1, -1, 7, -1, -1, -1], 8, None),            # 8 data shards: never below 8 slots
+    ([-1] * 8, 1, None),                                  # nothing live
+    ([3], 1, None),                                       # one slot stays one slot
+])
+def test_compaction_keeps_the_live_slots_in_a_power_of_two(occupant, shards, want):
+    rows = decoder._compaction(np.array(occupant), shards)
+    assert (rows is None) if want is None else (rows.tolist() == want)
+
+
+def test_the_long_tail_runs_on_fewer_slots_with_the_same_results(seed, monkeypatch):
+    """Eight rows, one much longer than the others: once no prompt waits and at most half the
+    slots are live, the live rows move into fewer slots (8 -> 4 -> 2 -> 1 here); each row's
+    result is the one it gets decoded alone."""
+    config, model = peaky_model(seed)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(10, 55, n).tolist() for n in (5, 9, 2, 12, 7, 3, 6, 10)]
+    limits = [4, 8, 4, 12, 16, 4, 8, 40]
+    kw = dict(block_size=BLOCK, mask_token_id=config.mask_token_id, temperature=1.0)
+    sizes = []
+    compact = decoder._compact
+    monkeypatch.setattr(decoder, "_compact", lambda state, rows: sizes.append(len(rows)) or
+                        compact(state, rows))
+    got = decode_prompts(model, prompts, SamplingConfig(max_new_tokens=40, **kw), seed=seed,
+                         max_new_tokens=limits)
+    assert sizes and sizes == sorted(sizes, reverse=True) and sizes[-1] == 1
+    for i, (prompt, limit, result) in enumerate(zip(prompts, limits, got)):
+        [alone] = decode_prompts(model, [prompt], SamplingConfig(max_new_tokens=limit, **kw),
+                                 seed=seed, row_seeds=[i])
+        assert_same(result, alone)
+
+
 def test_window_growth_past_the_first_bucket_equals_the_naive_decoder(seed):
     """Prompts near the first window bucket (256 slots): decoding crosses into a larger window."""
     config, model = peaky_model(seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -348,6 +349,35 @@ def test_chunked_token_scores_match_a_dense_softmax(seed):
     want_entropy = np.where(active, -(np.exp(log_probs) * log_probs).sum(-1), 0.0)
     np.testing.assert_allclose(logp, want_logp, atol=1e-5)
     np.testing.assert_allclose(entropy, want_entropy, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens,chunk,want", [
+    (512, 1024, 128),    # a quarter of the tokens, not the configured chunk
+    (600, 1024, 152),    # a quarter rounded up to a multiple of 8
+    (100, 1024, 128),    # never below MIN_CHUNK ...
+    (100, 7, 7),         # ... unless the configured chunk is smaller
+    (4096, 1024, 1024),  # a large batch keeps the configured chunk
+    (4097, 1024, 1024),
+])
+def test_vocabulary_chunk_is_capped_at_a_quarter_of_the_tokens(num_tokens, chunk, want):
+    from dirl_jax.token_scores import MIN_CHUNK, effective_chunk
+    assert MIN_CHUNK == 128
+    assert effective_chunk(num_tokens, chunk) == want
+
+
+def test_only_chunks_holding_active_tokens_are_projected():
+    """With active tokens first, 512 tokens of which 130 are active project two chunks of 128
+    rows (not one of 1,024): the jaxpr's vocabulary matmul has 128 rows and the skipped chunks
+    return zeros."""
+    from dirl_jax.token_scores import chunked_token_scores
+    hidden, emb = jnp.ones((512, 8)), jnp.ones((50, 8))
+    active = jnp.arange(512) < 130
+    jaxpr = str(jax.make_jaxpr(lambda h: chunked_token_scores(
+        h, emb, jnp.zeros(512, jnp.int32), active, chunk=1024))(hidden))
+    assert "f32[128,50]" in jaxpr and "f32[1024,50]" not in jaxpr
+    logp, _ = chunked_token_scores(hidden, emb, jnp.zeros(512, jnp.int32), active, chunk=1024)
+    np.testing.assert_allclose(np.asarray(logp)[:130], -np.log(50), rtol=1e-6)
+    assert not np.asarray(logp)[130:].any()
 
 
 # DIRL_SPEC §4.5 (modeling_sdar.py:1257, ρ_clip = clip(ρ, 1 - ε, 1 + ε + 0.08) with ε = 0.2; §5: the

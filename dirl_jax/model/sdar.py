@@ -53,6 +53,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.dtype = dtype
 
+    @jax.named_scope("rms_norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -94,11 +95,15 @@ class Attention(nnx.Module):
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
         batch, length, _ = x_BTE.shape
         q_axes, kv_axes = (BATCH, LENGTH, "act_heads", "head_dim"), (BATCH, LENGTH, "act_kv_heads", "head_dim")
-        q = constrain(self.q_proj(x_BTE).reshape(batch, length, self.num_heads, self.head_dim), q_axes)
-        k = constrain(self.k_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim), kv_axes)
-        v = constrain(self.v_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim), kv_axes)
-        return apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope), v
+        with jax.named_scope("qkv_proj"):
+            q = constrain(self.q_proj(x_BTE).reshape(batch, length, self.num_heads, self.head_dim), q_axes)
+            k = constrain(self.k_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim), kv_axes)
+            v = constrain(self.v_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim), kv_axes)
+        q, k = self.q_norm(q), self.k_norm(k)
+        with jax.named_scope("rope"):
+            return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
+    @jax.named_scope("o_proj")
     def _out(self, out_BTHD: jax.Array) -> jax.Array:
         batch, length = out_BTHD.shape[:2]
         return self.o_proj(out_BTHD.reshape(batch, length, self.num_heads * self.head_dim))
@@ -107,8 +112,9 @@ class Attention(nnx.Module):
                  canvas: Canvas | None, mask: jax.Array | None, impl: str,
                  layout: StreamMajorLayout | None) -> jax.Array:
         q, k, v = self._qkv(x_BTE, rope)
-        return self._out(attention_lib.attention(q, k, v, q_canvas=canvas, mask=mask, impl=impl,
-                                                 layout=layout))
+        with jax.named_scope("attention_kernel"):
+            out = attention_lib.attention(q, k, v, q_canvas=canvas, mask=mask, impl=impl, layout=layout)
+        return self._out(out)
 
     def cached(self, x_BTE: jax.Array, rope: tuple[jax.Array, jax.Array], cache: LayerCache,
                write_cols: jax.Array, q_canvas: Canvas, kv_canvas: Canvas, impl: str
@@ -155,6 +161,7 @@ class MLP(nnx.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, ("mlp", "embed"), **kw)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, ("embed", "mlp"), **kw)
 
+    @jax.named_scope("mlp")
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), (BATCH, LENGTH, "act_mlp"))
         return self.down_proj(hidden)
@@ -193,6 +200,7 @@ class Embedding(nnx.Module):
                              ("vocab", "embed"))
         self.dtype = dtype
 
+    @jax.named_scope("embed")
     def __call__(self, ids: jax.Array) -> jax.Array:
         return constrain(jnp.take(self.weight[...], ids, axis=0).astype(self.dtype), RESIDUAL)
 

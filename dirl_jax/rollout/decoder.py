@@ -24,11 +24,16 @@ How the work is organised, and what each choice costs:
   tokens, step map, log-probs, per-row counters). A host loop alternates two compiled programs:
   ``admit`` prefills waiting prompts (their count padded to a power of two) and moves them into
   free slots; ``run_chunk`` runs forwards inside one ``lax.while_loop`` until a row finishes while
-  prompts wait (so its slot is refilled at once), until a row's next block would leave the
-  attention window, or until every row is done. A finished row costs one host round trip of a
+  prompts wait (so its slot is refilled at once) or while few enough rows are live to compact
+  them (below), until a row's next block would leave the attention window, or until every row
+  is done. A finished row costs one host round trip of a
   few small arrays, never a forward computed for a finished row while others still run; the
-  programs compile once per admission size and window bucket. ``continuous=False`` gives static
-  batches (a batch of ``slots`` prompts runs until its longest row ends), for comparison.
+  programs compile once per admission size, slot count and window bucket. Once no prompt waits
+  and at most half the slots are live, the live rows move into half as many slots (or fewer:
+  the next power of two; one gather of their state): the long tail of a batch, a few rows that
+  decode for many more blocks, runs at the cost of those rows instead of the full slot count.
+  ``continuous=False`` gives static batches (a batch of ``slots`` prompts runs until its
+  longest row ends, all ``slots`` rows computed), for comparison.
 * **Attention window.** A chunk attends over the first ``window`` cache slots only: the smallest
   bucket (256, 384, 512, 768, ... : at most 1.5x what is needed) that holds every live row's
   current block. A forward's attention cost follows the longest live row, not the cache
@@ -291,17 +296,18 @@ def vocab_head(model: SDARForCausalLM, hidden: jax.Array, needed: jax.Array,
     return candidates.reshape(shape), logp.reshape(shape)
 
 
-def run_chunk(model: SDARForCausalLM, state: Slots, refill: jax.Array, cfg: SamplingConfig,
+def run_chunk(model: SDARForCausalLM, state: Slots, stop_at: jax.Array, cfg: SamplingConfig,
               window: int, fused: bool, on_block: BlockCallback | None = None) -> Slots:
-    """Forwards until every row is done, a row's next block would leave the window, or (when
-    ``refill``) some row finished in this chunk."""
+    """Forwards until every row is done, a row's next block would leave the window, or a row
+    finished in this chunk and at most ``stop_at`` rows are live (the host then refills or
+    compacts the slots; -1: never)."""
     done_before = state.mode == DONE
 
     def cond(state: Slots) -> jax.Array:
         live = state.mode != DONE
         fits = ~live | ((state.block + 1) * cfg.block_size <= window)
         finished = (state.mode == DONE) & ~done_before
-        return live.any() & fits.all() & ~(refill & finished.any())
+        return live.any() & fits.all() & ~(finished.any() & (live.sum() <= stop_at))
 
     return jax.lax.while_loop(
         cond, lambda s: forward_step(model, s, cfg, window, fused, on_block), state)
@@ -316,8 +322,8 @@ def _admit_jit(graphdef, params, state, slot_ids, prompt_tokens, prompt_lengths,
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "window", "fused", "on_block"),
                    donate_argnames=("state",))
-def _run_chunk_jit(graphdef, params, state, refill, cfg, window, fused, on_block):
-    return run_chunk(nnx.merge(graphdef, params), state, refill, cfg, window, fused, on_block)
+def _run_chunk_jit(graphdef, params, state, stop_at, cfg, window, fused, on_block):
+    return run_chunk(nnx.merge(graphdef, params), state, stop_at, cfg, window, fused, on_block)
 
 
 @jax.jit
@@ -425,15 +431,49 @@ def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: Sampli
                 block[free[:len(take)]] = lengths[take] // b
             live = occupant >= 0
             window = window_for(int((block[live] + 1).max()) * b, capacity)
-            state = _run_chunk_jit(graphdef, params, state, jnp.asarray(bool(waiting) and continuous),
-                                   cfg, window, fused, on_block)
+            stop_at = (n_slots if waiting else _compactable(n_slots, shards)) if continuous else -1
+            state = _run_chunk_jit(graphdef, params, state, jnp.asarray(stop_at, jnp.int32), cfg,
+                                   window, fused, on_block)
             mode, block = (np.array(x) for x in jax.device_get((state.mode, state.block)))
             done = np.flatnonzero(live & (mode == DONE))
             if len(done):
                 for slot, result in zip(done, _harvest_rows(state, done, n_slots, b, cfg)):
                     results[occupant[slot]] = result
                 occupant[done] = -1
+            rows = _compaction(occupant, shards) if continuous and not waiting else None
+            if rows is not None:
+                shardings = jax.tree.map(lambda x: x.sharding, state)
+                state = _compact(state, jnp.asarray(rows))
+                if mesh is not None:  # rows stay split over the data axes
+                    state = jax.device_put(state, shardings)
+                occupant, block, n_slots = occupant[rows], block[rows], len(rows)
     return results  # type: ignore[return-value]
+
+
+def _compacted_size(live: int, n_slots: int, shards: int) -> int:
+    """Slots for ``live`` rows: the next power of two, a multiple of ``shards``."""
+    return -(-_pow2_at_least(max(live, 1), n_slots) // shards) * shards
+
+
+def _compactable(n_slots: int, shards: int) -> int:
+    """The most live rows that fit in at most half of ``n_slots`` (-1: none, no compaction)."""
+    return max((live for live in range(1, n_slots // 2 + 1)
+                if _compacted_size(live, n_slots, shards) <= n_slots // 2), default=-1)
+
+
+def _compaction(occupant: np.ndarray, shards: int) -> np.ndarray | None:
+    """The slots to keep once no prompt waits and at most half the slots are live: the live
+    slots, padded with free ones to a power of two (a multiple of ``shards``); None to keep all."""
+    live, free = np.flatnonzero(occupant >= 0), np.flatnonzero(occupant < 0)
+    if not len(live) or len(live) > _compactable(len(occupant), shards):
+        return None
+    return np.concatenate([live, free[:_compacted_size(len(live), len(occupant), shards) - len(live)]])
+
+
+@jax.jit
+def _compact(state: Slots, rows: jax.Array) -> Slots:
+    """``state`` restricted to ``rows``."""
+    return jax.tree.map(lambda x: x[rows], state)
 
 
 def _admit_rows(graphdef: Any, params: nnx.State, state: Slots, slot_ids: np.ndarray,

@@ -42,23 +42,29 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         parts = loss_parts(nnx.merge(graphdef, params), micro_batch, row_keys)
         return parts.weighted_ce_sum, parts
 
-    def train_step(params, opt_state, batch, key, step):
-        def accumulate(carry, inputs):
-            grads, ce, supervised, masked = carry
-            micro_batch, row_keys = inputs
-            (value, parts), g = jax.value_and_grad(numerator, has_aux=True)(params, micro_batch, row_keys)
-            return (jax.tree.map(jnp.add, grads, g), ce + value, supervised + parts.num_supervised,
-                    masked + parts.num_masked), None
+    def micro_step(params, micro_batch, row_keys):
+        """Gradient of one micro-batch's loss numerator, the numerator and the token counts."""
+        (value, parts), grads = jax.value_and_grad(numerator, has_aux=True)(params, micro_batch, row_keys)
+        return grads, value, parts.num_supervised, parts.num_masked
 
-        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros((), jnp.int32),
-                 jnp.zeros((), jnp.int32))
+    def train_step(params, opt_state, batch, key, step):
         keys = jax.random.split(key, batch["tokens"].shape[0] * batch["tokens"].shape[1])
         keys = keys.reshape(batch["tokens"].shape[:2])  # one noise key per row of the global batch
-        (grads, ce, supervised, masked), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
+        if batch["tokens"].shape[0] == 1:  # no accumulator: a zero-filled copy of the gradients saved
+            grads, ce, supervised, masked = micro_step(params, jax.tree.map(lambda x: x[0], batch),
+                                                       keys[0])
+        else:
+            def accumulate(carry, inputs):
+                return jax.tree.map(jnp.add, carry, micro_step(params, *inputs)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros((), jnp.int32),
+                     jnp.zeros((), jnp.int32))
+            (grads, ce, supervised, masked), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
         denominator = jnp.maximum(supervised, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denominator, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
         metrics = {"loss": ce / denominator, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(step), "masked_fraction": masked / denominator,
                    "supervised_tokens": supervised}
