@@ -1,8 +1,8 @@
 """Per-token log-probabilities and entropies against a large vocabulary, a chunk at a time.
 
 ``tokens x vocab`` logits are never materialised: hidden states are scored against the output
-embedding ``chunk`` tokens at a time inside a rematerialised scan, so forward and backward memory
-is O(chunk x vocab). Chunks with no active token are skipped. The SFT cross-entropy and the DiPO
+embedding ``chunk`` tokens at a time, forward and backward (a custom VJP that recomputes each
+chunk's softmax), so memory is O(chunk x vocab). Chunks with no active token are skipped. The SFT cross-entropy and the DiPO
 objective both score tokens through here.
 
 Callers put active tokens first, so at most one computed chunk is partly active: its inactive rows
@@ -13,6 +13,8 @@ with the default chunk of 1,024, cost the vocabulary projection of 1,024 rows: 4
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,25 +50,76 @@ def chunked_token_scores(hidden: jax.Array, output_embedding: jax.Array, targets
     hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(num_chunks, chunk, dim)
     targets = jnp.pad(targets, (0, pad)).reshape(num_chunks, chunk)
     active = jnp.pad(active, (0, pad)).reshape(num_chunks, chunk)
-    temperature = temperature or 1.0
-
-    @jax.checkpoint
-    def score(h: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = jnp.einsum("ne,ve->nv", h, output_embedding.astype(h.dtype),
-                            preferred_element_type=logits_dtype).astype(jnp.float32) / temperature
-        logits = constrain(logits, (None, "act_vocab"))
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-        return jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0], jax.lax.stop_gradient(entropy)
-
-    def skipped(h: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        zeros = jnp.zeros(y.shape, jnp.float32)
-        return zeros, zeros
-
-    def body(xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        h, y, a = xs
-        logp, entropy = jax.lax.cond(jnp.any(a), score, skipped, h, y)
-        return jnp.where(a, logp, 0.0), jnp.where(a, entropy, 0.0)
-
-    logp, entropy = jax.lax.map(body, (hidden, targets, active))
+    logp, entropy = _scores(hidden, output_embedding, targets, active, float(temperature or 1.0),
+                            jnp.dtype(logits_dtype))
     return logp.reshape(-1)[:n], entropy.reshape(-1)[:n]
+
+
+def _log_probs(h: jax.Array, output_embedding: jax.Array, temperature: float,
+               logits_dtype: jnp.dtype) -> jax.Array:
+    """fp32 ``log softmax`` of one chunk's logits ``[chunk, V]``."""
+    logits = jnp.einsum("ne,ve->nv", h, output_embedding.astype(h.dtype),
+                        preferred_element_type=logits_dtype).astype(jnp.float32) / temperature
+    return jax.nn.log_softmax(constrain(logits, (None, "act_vocab")), axis=-1)
+
+
+def _active_chunks(active: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Indices of the chunks holding an active token (first) and their number."""
+    hit = active.any(axis=1)
+    return jnp.nonzero(hit, size=hit.shape[0], fill_value=0)[0], jnp.sum(hit)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _scores(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array, active: jax.Array,
+            temperature: float, logits_dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """Log-probs and entropies ``[chunks, chunk]``; a loop over the active chunks only.
+
+    A custom VJP: the backward pass recomputes each active chunk's softmax and forms its
+    gradients ``d hidden = d logits @ E`` and ``d E += d logits^T @ hidden`` directly (the
+    vocabulary projection four times in all, as a rematerialised scan), and the forward pass
+    keeps nothing but its inputs. (Differentiating a scan of ``cond(active, score, skip)``
+    instead makes the skipped branch return zeros for every residual of the scored one, the
+    ``V x E`` output embedding among them: one zero-filled copy of it stacked per chunk.)
+    """
+    return _scores_fwd(hidden, output_embedding, targets, active, temperature, logits_dtype)[0]
+
+
+def _scores_fwd(hidden, output_embedding, targets, active, temperature, logits_dtype):
+    chunks, count = _active_chunks(active)
+
+    def body(i: jax.Array, out: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        c = chunks[i]
+        log_probs = _log_probs(hidden[c], output_embedding, temperature, logits_dtype)
+        entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+        logp = jnp.take_along_axis(log_probs, targets[c][:, None], axis=-1)[:, 0]
+        a = active[c]
+        return out[0].at[c].set(jnp.where(a, logp, 0.0)), out[1].at[c].set(jnp.where(a, entropy, 0.0))
+
+    zeros = jnp.zeros(targets.shape, jnp.float32)
+    out = jax.lax.fori_loop(0, count, body, (zeros, zeros))
+    return out, (hidden, output_embedding, targets, active)
+
+
+def _scores_bwd(temperature, logits_dtype, residuals, cotangents):
+    hidden, output_embedding, targets, active = residuals
+    d_logp = jnp.where(active, cotangents[0], 0.0)  # the entropy is a statistic: no gradient
+    chunks, count = _active_chunks(active)
+
+    def body(i: jax.Array, grads: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        d_hidden, d_embedding = grads
+        c = chunks[i]
+        h = hidden[c]
+        probs = jnp.exp(_log_probs(h, output_embedding, temperature, logits_dtype))
+        onehot = jax.nn.one_hot(targets[c], probs.shape[-1], dtype=jnp.float32)
+        d_logits = ((onehot - probs) * (d_logp[c] / temperature)[:, None]).astype(h.dtype)
+        d_h = jnp.einsum("nv,ve->ne", d_logits, output_embedding.astype(h.dtype),
+                         preferred_element_type=jnp.float32)
+        d_e = jnp.einsum("nv,ne->ve", d_logits, h, preferred_element_type=jnp.float32)
+        return d_hidden.at[c].set(d_h.astype(hidden.dtype)), d_embedding + d_e
+
+    init = (jnp.zeros_like(hidden), jnp.zeros(output_embedding.shape, jnp.float32))
+    d_hidden, d_embedding = jax.lax.fori_loop(0, count, body, init)
+    return d_hidden, d_embedding.astype(output_embedding.dtype), None, None
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)

@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--impl", default="auto")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temp dir)")
+    parser.add_argument("--top", type=int, default=0, help="also list the N slowest HLO ops")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -114,12 +115,14 @@ def main() -> None:
         sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1])
 
     seconds: dict[tuple[str, str], float] = collections.defaultdict(float)
+    per_op: dict[str, float] = collections.defaultdict(float)
     for plane in profile.planes:
         for line in plane.lines:
             events = [e for e in line.events if "hlo_op" in dict(e.stats)
                       and dict(e.stats).get("hlo_module") == "jit_train_step"]
             for name, s in self_times(events):
                 seconds[part_of(op_names.get(name, ""))] += s / args.steps
+                per_op[name] += s / args.steps
 
     masked = int(np.asarray(data["noised"].masked).sum())
     flops = part_flops(config, rows, length, masked)
@@ -145,6 +148,8 @@ def main() -> None:
                         "thread_seconds_per_step": total, "matmul_peak_gflops": peak, **machine})
         print(f"{part:>17} {fwd:>7.3f} {bwd:>7.3f} {(fwd + bwd) / total:>6.1%} {gflop:>7.1f} "
               f"{rate:>8.1f} {rate / peak if gflop else float('nan'):>7.0%}", flush=True)
+    for name, s in sorted(per_op.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"{s:>8.4f} s  {name:<40} {op_names.get(name, '')[:150]}")
     benchlib.write_records(args.json, records)
 
 

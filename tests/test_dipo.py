@@ -351,6 +351,40 @@ def test_chunked_token_scores_match_a_dense_softmax(seed):
     np.testing.assert_allclose(entropy, want_entropy, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_token_scores_gradients_match_a_dense_softmax(seed, temperature):
+    """The custom VJP against autodiff of dense float64 log-softmax, for a random cotangent per
+    token; inactive tokens and a whole skipped chunk get no gradient."""
+    from dirl_jax.token_scores import chunked_token_scores
+    jax.config.update("jax_enable_x64", True)
+    try:
+        rng = np.random.default_rng(seed)
+        hidden, emb = rng.normal(size=(23, 16)), rng.normal(size=(50, 16))
+        targets = rng.integers(0, 50, 23)
+        active = rng.random(23) < 0.7
+        active[7:14] = False
+        cotangent = rng.normal(size=23)
+
+        def chunked(h, e):
+            logp, entropy = chunked_token_scores(h, e, jnp.asarray(targets), jnp.asarray(active),
+                                                 chunk=7, temperature=temperature)
+            return jnp.sum(logp * cotangent) + 0.0 * jnp.sum(entropy)
+
+        def dense(h, e):
+            log_probs = jax.nn.log_softmax(h @ e.T / temperature, axis=-1)
+            logp = jnp.where(active, log_probs[jnp.arange(23), targets], 0.0)
+            return jnp.sum(logp * cotangent)
+
+        got = jax.grad(chunked, argnums=(0, 1))(jnp.asarray(hidden, jnp.float32),
+                                                jnp.asarray(emb, jnp.float32))
+        want = jax.grad(dense, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(emb))
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    np.testing.assert_allclose(got[0], want[0], atol=2e-5)
+    np.testing.assert_allclose(got[1], want[1], atol=2e-5)
+    assert not np.asarray(got[0])[~active].any()
+
+
 @pytest.mark.parametrize("num_tokens,chunk,want", [
     (512, 1024, 128),    # a quarter of the tokens, not the configured chunk
     (600, 1024, 152),    # a quarter rounded up to a multiple of 8
