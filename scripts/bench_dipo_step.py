@@ -109,7 +109,7 @@ def jax_step(model: SDARForCausalLM, trajs: list[dipo.Trajectory]) -> tuple[Call
         return float(value)
 
     run.old_logp_sum = run_old_sum
-    return run, row_length
+    return run, int(row_length)
 
 
 def torch_step(model: SDARForCausalLM, trajs: list[dipo.Trajectory]) -> tuple[Callable[[], Any], int]:
@@ -147,7 +147,7 @@ def torch_step(model: SDARForCausalLM, trajs: list[dipo.Trajectory]) -> tuple[Ca
                 slots=torch.from_numpy(np.flatnonzero(p_mask)).long(),  # noisy copy = first L
                 targets=torch.from_numpy(tokens[0, p_mask]).long(),
                 advantage=float(t.advantage)))
-            canvas_tokens += canvas.tokens.shape[1]
+            canvas_tokens += int(canvas.tokens.shape[1])
     scored = sum(len(r["slots"]) for r in rounds)
     head = hf.lm_head.weight
 

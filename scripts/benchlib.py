@@ -19,9 +19,9 @@ BUSY_CORES = 0.25  # other processes' average CPU use (cores) that marks a timin
 
 
 def machine() -> dict[str, str]:
-    """``device`` (backend, device kind, host cores) and ``host`` for every record."""
+    """``device`` (backend, device kind, host cores), ``host`` and ``xla_flags`` for every record."""
     device = f"{jax.default_backend()}: {jax.devices()[0].device_kind} ({os.cpu_count()} host cores)"
-    return {"device": device, "host": platform.node()}
+    return {"device": device, "host": platform.node(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def write_records(path: str | None, records: list[dict[str, Any]]) -> None:
