@@ -150,14 +150,11 @@ def main() -> None:
         for (impl, pass_name), t in benchlib.alternate(sides, args.repeats).items():
             flops = fwd_flops * (BACKWARD_FACTOR if pass_name == "fwd_bwd" else 1.0)
             records.append({"impl": impl, "seq_len": length, "pass": pass_name,
-                            "seconds": t["min"], "median_seconds": t["median"],
-                            "all_seconds": t["seconds"], "nonempty_tile_fraction": fraction,
+                            **benchlib.timing_fields(t), "nonempty_tile_fraction": fraction,
                             "effective_flops_per_s": flops / t["min"], "heads": args.heads,
                             "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                             "block_size": args.block_size, "dtype": args.dtype,
-                            "load_before": t["load_before"], "load_after": t["load_after"],
-                            "other_cores": t["other_cores"],
-                            "busy": t["busy"], **machine})
+                            **machine})
             print(f"{impl:>12} {length:>6} {pass_name:>8} {t['min']:>10.4f} {t['median']:>10.4f} "
                   f"{fraction:>6.3f} {flops / t['min'] / 1e9:>12.1f} {'yes' if t['busy'] else 'no':>5}",
                   flush=True)

@@ -213,14 +213,11 @@ def main() -> None:
             ratio = timed["torch"]["min"] / t["min"]
             records.append({"config": name, "side": side, "trajectories": args.trajectories,
                             "prompt_len": args.prompt_len, "response_len": args.response_len,
-                            "canvas_tokens": canvas[side], "seconds": t["min"],
-                            "median_seconds": t["median"], "all_seconds": t["seconds"],
+                            "canvas_tokens": canvas[side], **benchlib.timing_fields(t),
                             "scored_tokens": scored, "scored_tokens_per_s": scored / t["min"],
                             "speedup_vs_torch": ratio, "first_loss": first_loss[side],
                             "old_logp_sum": sides[side].old_logp_sum,
-                            "load_before": t["load_before"], "load_after": t["load_after"],
-                            "other_cores": t["other_cores"],
-                            "busy": t["busy"], **machine})
+                            **machine})
             print(f"{name:>6} {side:>9} {canvas[side]:>10} {t['min']:>7.2f} {t['median']:>7.2f} "
                   f"{scored / t['min']:>12.1f} {ratio:>7.2f}x {sides[side].old_logp_sum:>12.3f} "
                   f"{first_loss[side]:>11.6f} "

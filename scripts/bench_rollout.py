@@ -250,14 +250,11 @@ def main() -> None:
                 ratio = {k: best[k] / t["min"] if k in best else float("nan")
                          for k in ("static", "torch")}
                 records.append({"workload": args.workload, "engine": side, "config": name,
-                                "slots": slots, "prompts": len(prompts), "seconds": t["min"],
-                                "median_seconds": t["median"], "all_seconds": t["seconds"],
+                                "slots": slots, "prompts": len(prompts), **benchlib.timing_fields(t),
                                 "generated_tokens": tokens, "tokens_per_s": tokens / t["min"],
                                 "forwards": forwards, "speedup_vs_static": ratio["static"],
                                 "speedup_vs_torch": ratio["torch"], "same_tokens_as_torch": same,
-                                "load_before": t["load_before"], "load_after": t["load_after"],
-                                "other_cores": t["other_cores"],
-                                "busy": t["busy"], "strategy": args.strategy,
+                                "strategy": args.strategy,
                                 "cache_bytes": cache_bytes if side != "torch" else None,
                                 "cache_bytes_per_token": token_bytes,
                                 "threshold": args.threshold, "gen_len": args.gen_len, **machine})

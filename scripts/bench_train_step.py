@@ -194,13 +194,11 @@ def main() -> None:
             ratio = torch_best / t["min"] if torch_best else float("nan")
             records.append({"config": name, "params": params, "rows": rows, "tokens_per_row": length,
                             "impl": side, "seconds_per_step": t["min"],
-                            "median_seconds_per_step": t["median"], "all_seconds": t["seconds"],
+                            **benchlib.timing_fields(t),
                             "tokens_per_s": rows * length / t["min"], "first_loss": first_loss[side],
                             "model_gflops": gflop / t["min"], "matmul_peak_gflops": own_peak,
                             "fraction_of_peak": gflop / t["min"] / own_peak, "speedup_vs_torch": ratio,
-                            "load_before": t["load_before"], "load_after": t["load_after"],
-                            "other_cores": t["other_cores"],
-                            "busy": t["busy"], **machine})
+                            **machine})
             print(f"{name:>6} {params / 1e6:>7.1f}M {rows:>4} x {length:<4} {side:>16} {t['min']:>7.3f} "
                   f"{t['median']:>7.3f} {rows * length / t['min']:>8.0f} {gflop / t['min']:>7.1f} "
                   f"{gflop / t['min'] / own_peak:>6.0%} {ratio:>7.2f}x {'yes' if t['busy'] else 'no':>5}",

@@ -80,6 +80,13 @@ def alternate(sides: dict[str, Callable[[], Any]], repeats: int) -> dict[str, di
                    "other_cores": other, "busy": busy} for name, times in runs.items()}
 
 
+def timing_fields(timed: dict[str, Any]) -> dict[str, Any]:
+    """The JSON fields of one side's :func:`alternate` result: best, median and every run's
+    seconds, the load average around the runs, other processes' cores and ``busy``."""
+    return {"seconds": timed["min"], "median_seconds": timed["median"], "all_seconds": timed["seconds"],
+            **{k: timed[k] for k in ("load_before", "load_after", "other_cores", "busy")}}
+
+
 def weight_shapes(config: Any) -> list[tuple[int, int]]:
     """``(in, out)`` of every weight matrix one token meets in a forward of an SDAR ``config``:
     q, k, v, o, gate, up, down per layer and the vocabulary head."""

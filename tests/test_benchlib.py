@@ -88,3 +88,11 @@ def test_weight_shapes_are_every_matrix_a_token_meets():
     assert shapes[-1] == (c.hidden_size, c.vocab_size)
     assert shapes[0] == (c.hidden_size, c.num_attention_heads * c.head_dim)
     assert shapes[6] == (c.intermediate_size, c.hidden_size)
+
+
+def test_timing_fields_are_what_every_benchmark_records():
+    timed = {"min": 1.0, "median": 2.0, "seconds": [3.0, 1.0, 2.0], "load_before": 0.5,
+             "load_after": 0.7, "other_cores": 0.1, "busy": False, "output": None}
+    assert benchlib.timing_fields(timed) == {
+        "seconds": 1.0, "median_seconds": 2.0, "all_seconds": [3.0, 1.0, 2.0], "load_before": 0.5,
+        "load_after": 0.7, "other_cores": 0.1, "busy": False}
