@@ -35,8 +35,8 @@ from dirl_jax.attention import DEFAULT_TILES
 from dirl_jax.canvas import two_stream_canvas
 from dirl_jax.model import SDARConfig, SDARForCausalLM
 
-SCOPES = ("embed", "rms_norm", "qkv_proj", "rope", "attention_kernel", "o_proj", "mlp",
-          "vocab_scores", "noise", "optimizer")
+SCOPES = ("embed", "rms_norm", "qkv_proj", "rope", "kv_cache", "attention_kernel", "o_proj", "mlp",
+          "vocab_scores", "vocab_head", "noise", "optimizer")
 _METADATA = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"', re.M)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pathlib
 import socket
@@ -100,6 +101,35 @@ def seed(request) -> int:
     request.node.user_properties.append(("seed", value))
     print(f"seed={value}")
     return value
+
+
+def memory_map_count() -> int:
+    """How many memory mappings this process holds (0 where ``/proc`` has no maps file)."""
+    maps = pathlib.Path("/proc/self/maps")
+    return len(maps.read_bytes().splitlines()) if maps.exists() else 0
+
+
+MAX_MAP_COUNT = pathlib.Path("/proc/sys/vm/max_map_count")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Releases a test module's compiled programs when it ends.
+
+    Every XLA:CPU executable holds about three memory mappings (code, constants, data) for as long
+    as a jit cache keeps it; the whole suite in one process compiles enough of them to pass
+    Linux's per-process limit (``vm.max_map_count``, 65,530), after which XLA's compiler and
+    allocator crash (SIGSEGV / SIGABRT at ~70 % of the suite) or, worse, compute garbage. The
+    limit is checked too, so growth shows up as an error long before a crash."""
+    yield
+    jax.clear_caches()
+    gc.collect()
+    if MAX_MAP_COUNT.exists():
+        limit = int(MAX_MAP_COUNT.read_text())
+        held = memory_map_count()
+        assert held < limit // 2, (
+            f"{held} memory mappings still held after releasing this module's compiled programs "
+            f"(limit vm.max_map_count = {limit}): something keeps executables alive")
 
 
 @pytest.fixture(scope="session")

@@ -82,16 +82,18 @@ def test_finished_slots_take_waiting_prompts_at_once(seed):
     assert lone_changes(slot_history(False)) == 0
 
 
-@pytest.mark.parametrize("occupant,want", [
-    ([5, -1, -1, -1, 7, -1, -1, -1], [0, 4]),          # 2 live of 8: two slots
-    ([5, -1, -1, -1, 7, -1, 9, -1], [0, 4, 6, 1]),     # 3 live: four slots, a free one pads
-    ([5, -1, 3, -1, 7, -1, 9, -1], [0, 2, 4, 6]),      # 4 live of 8: exactly half moves
-    ([5, 1, 3, -1, 7, -1, 9, -1], None),               # 5 live of 8: all slots kept
-    ([-1] * 8, None),                                  # nothing live
-    ([3], None),                                       # one slot stays one slot
+@pytest.mark.parametrize("occupant,shards,want", [
+    ([5, -1, -1, -1, 7, -1, -1, -1], 1, [0, 4]),          # 2 live of 8: two slots
+    ([5, -1, -1, -1, 7, -1, 9, -1], 1, [0, 4, 6, 1]),     # 3 live: four slots, a free one pads
+    ([5, -1, 3, -1, 7, -1, 9, -1], 1, [0, 2, 4, 6]),      # 4 live of 8: exactly half moves
+    ([5, 1, 3, -1, 7, -1, 9, -1], 1, None),               # 5 live of 8: all slots kept
+    ([5, -1, -1, -1, -1, -1, -1, -1], 4, [0, 1, 2, 3]),   # 1 live over 4 data shards: four slots
+    ([5, -1, -1, -1, 7, -1, -1, -1], 8, None),            # 8 data shards: never below 8 slots
+    ([-1] * 8, 1, None),                                  # nothing live
+    ([3], 1, None),                                       # one slot stays one slot
 ])
-def test_compaction_keeps_the_live_slots_in_a_power_of_two(occupant, want):
-    rows = decoder._compaction(np.array(occupant))
+def test_compaction_keeps_the_live_slots_in_a_power_of_two(occupant, shards, want):
+    rows = decoder._compaction(np.array(occupant), shards)
     assert (rows is None) if want is None else (rows.tolist() == want)
 
 

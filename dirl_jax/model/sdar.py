@@ -123,11 +123,13 @@ class Attention(nnx.Module):
         then attends over the first ``kv_canvas.shape[1]`` cache slots (the window; its tags say
         which slots are visible)."""
         q, k, v = self._qkv(x_BTE, rope)
-        cache = LayerCache(keys=_write_rows(cache.keys, k, write_cols),
-                           values=_write_rows(cache.values, v, write_cols))
+        with jax.named_scope("kv_cache"):
+            cache = LayerCache(keys=_write_rows(cache.keys, k, write_cols),
+                               values=_write_rows(cache.values, v, write_cols))
         window = kv_canvas.shape[1]
-        out = attention_lib.attention(q, cache.keys[:, :window], cache.values[:, :window],
-                                      q_canvas=q_canvas, kv_canvas=kv_canvas, impl=impl)
+        with jax.named_scope("attention_kernel"):
+            out = attention_lib.attention(q, cache.keys[:, :window], cache.values[:, :window],
+                                          q_canvas=q_canvas, kv_canvas=kv_canvas, impl=impl)
         return self._out(out), cache
 
 

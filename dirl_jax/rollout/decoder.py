@@ -30,9 +30,9 @@ How the work is organised, and what each choice costs:
   few small arrays, never a forward computed for a finished row while others still run; the
   programs compile once per admission size, slot count and window bucket. Once no prompt waits
   and at most half the slots are live, the live rows move into half as many slots (or fewer:
-  the next power of two; one gather of their state): the long tail of a batch, a few rows that
+  the next power of two, a multiple of the data shards on a mesh; one gather of their state,
+  re-placed on the rows' sharding): the long tail of a batch, a few rows that
   decode for many more blocks, runs at the cost of those rows instead of the full slot count.
-  (Not on a mesh yet: there the slot count stays, so slots keep their data-axis sharding.)
   ``continuous=False`` gives static batches (a batch of ``slots`` prompts runs until its
   longest row ends, all ``slots`` rows computed), for comparison.
 * **Attention window.** A chunk attends over the first ``window`` cache slots only: the smallest
@@ -265,6 +265,7 @@ def forward_step(model: SDARForCausalLM, state: Slots, cfg: SamplingConfig, wind
         pending=pending, steps=steps, forwards=state.forwards + live, finish=finish)
 
 
+@jax.named_scope("vocab_head")
 def vocab_head(model: SDARForCausalLM, hidden: jax.Array, needed: jax.Array,
                response_index: jax.Array, keys: jax.Array, cfg: SamplingConfig
                ) -> tuple[jax.Array, jax.Array]:
@@ -417,7 +418,6 @@ def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: Sampli
     if mesh is not None:
         params, state = _place(mesh, params, state)
 
-    compacting = continuous and mesh is None  # on a mesh the slot count stays (module docstring)
     waiting = collections.deque(range(count))
     occupant = np.full(n_slots, -1)
     block = np.zeros(n_slots, np.int64)
@@ -433,8 +433,7 @@ def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: Sampli
                 block[free[:len(take)]] = lengths[take] // b
             live = occupant >= 0
             window = window_for(int((block[live] + 1).max()) * b, capacity)
-            stop_at = (n_slots if waiting else _compactable(n_slots) if compacting else -1
-                       ) if continuous else -1
+            stop_at = (n_slots if waiting else _compactable(n_slots, shards)) if continuous else -1
             state = _run_chunk_jit(graphdef, params, state, jnp.asarray(stop_at, jnp.int32), cfg,
                                    window, fused, on_block)
             mode, block = (np.array(x) for x in jax.device_get((state.mode, state.block)))
@@ -443,26 +442,34 @@ def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: Sampli
                 for slot, result in zip(done, _harvest_rows(state, done, n_slots, b, cfg)):
                     results[occupant[slot]] = result
                 occupant[done] = -1
-            rows = _compaction(occupant) if compacting and not waiting else None
+            rows = _compaction(occupant, shards) if continuous and not waiting else None
             if rows is not None:
+                shardings = jax.tree.map(lambda x: x.sharding, state)
                 state = _compact(state, jnp.asarray(rows))
+                if mesh is not None:  # rows stay split over the data axes
+                    state = jax.device_put(state, shardings)
                 occupant, block, n_slots = occupant[rows], block[rows], len(rows)
     return results  # type: ignore[return-value]
 
 
-def _compactable(n_slots: int) -> int:
+def _compacted_size(live: int, n_slots: int, shards: int) -> int:
+    """Slots for ``live`` rows: the next power of two, a multiple of ``shards``."""
+    return -(-_pow2_at_least(max(live, 1), n_slots) // shards) * shards
+
+
+def _compactable(n_slots: int, shards: int) -> int:
     """The most live rows that fit in at most half of ``n_slots`` (-1: none, no compaction)."""
     return max((live for live in range(1, n_slots // 2 + 1)
-                if _pow2_at_least(live, n_slots) <= n_slots // 2), default=-1)
+                if _compacted_size(live, n_slots, shards) <= n_slots // 2), default=-1)
 
 
-def _compaction(occupant: np.ndarray) -> np.ndarray | None:
+def _compaction(occupant: np.ndarray, shards: int) -> np.ndarray | None:
     """The slots to keep once no prompt waits and at most half the slots are live: the live
-    slots, padded with free ones to a power of two; None to keep all."""
+    slots, padded with free ones to a power of two (a multiple of ``shards``); None to keep all."""
     live, free = np.flatnonzero(occupant >= 0), np.flatnonzero(occupant < 0)
-    if not len(live) or len(live) > _compactable(len(occupant)):
+    if not len(live) or len(live) > _compactable(len(occupant), shards):
         return None
-    return np.concatenate([live, free[:_pow2_at_least(len(live), len(occupant)) - len(live)]])
+    return np.concatenate([live, free[:_compacted_size(len(live), len(occupant), shards) - len(live)]])
 
 
 @jax.jit
