@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import tempfile
 import time
-from typing import Any, Callable
 
 import benchlib
 import jax
@@ -30,7 +27,7 @@ import jax.numpy as jnp
 from bench_rollout import BLOCK, workload
 from bench_train_step import CONFIGS, model_config
 from flax import nnx
-from profile_train_step import _METADATA, SCOPES, part_of, self_times
+from profile_train_step import _METADATA, SCOPES, part_of, traced
 
 from dirl_jax.model import SDARConfig, SDARForCausalLM
 from dirl_jax.rollout import decoder
@@ -66,31 +63,6 @@ def weight_floor(config: SDARConfig, rows: int, head_rows: int, repeats: int = 2
         jax.block_until_ready(products(x0, layers, head))
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def traced(run: Callable[[], Any], modules: tuple[str, ...]) -> tuple[float, dict]:
-    """Wall seconds of ``run()`` under ``jax.profiler``, and the self thread-seconds of every
-    HLO op of the ``modules`` (name prefixes) it executed, by ``(module, op)``."""
-    trace_dir = tempfile.mkdtemp(prefix="decode_trace_")
-    jax.profiler.start_trace(trace_dir)
-    start = time.perf_counter()
-    run()
-    wall = time.perf_counter() - start
-    jax.profiler.stop_trace()
-    profile = jax.profiler.ProfileData.from_file(
-        sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1])
-    per_op: dict[tuple[str, str], float] = collections.defaultdict(float)
-    for plane in profile.planes:
-        for line in plane.lines:
-            events = collections.defaultdict(list)
-            for e in line.events:
-                stats = dict(e.stats)
-                if "hlo_op" in stats and str(stats.get("hlo_module", "")).startswith(modules):
-                    events[str(stats["hlo_module"])].append(e)
-            for module, module_events in events.items():
-                for name, s in self_times(module_events):
-                    per_op[(module, name)] += s
-    return wall, per_op
 
 
 def chunk_op_names(model: SDARForCausalLM, cfg: SamplingConfig, slots: int, capacity: int,

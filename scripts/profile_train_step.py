@@ -22,7 +22,7 @@ import glob
 import re
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import benchlib
 import jax
@@ -66,6 +66,32 @@ def self_times(events: list[Any]) -> list[tuple[str, float]]:
     return out
 
 
+def traced(run: Callable[[], Any], modules: tuple[str, ...], trace_dir: str | None = None
+           ) -> tuple[float, dict]:
+    """Wall seconds of ``run()`` under ``jax.profiler``, and the self thread-seconds of every
+    HLO op of the ``modules`` (name prefixes) it executed, by ``(module, op)``."""
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="jax_trace_")
+    jax.profiler.start_trace(trace_dir)
+    start = time.perf_counter()
+    run()
+    wall = time.perf_counter() - start
+    jax.profiler.stop_trace()
+    profile = jax.profiler.ProfileData.from_file(
+        sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1])
+    per_op: dict[tuple[str, str], float] = collections.defaultdict(float)
+    for plane in profile.planes:
+        for line in plane.lines:
+            events = collections.defaultdict(list)
+            for e in line.events:
+                stats = dict(e.stats)
+                if "hlo_op" in stats and str(stats.get("hlo_module", "")).startswith(modules):
+                    events[str(stats["hlo_module"])].append(e)
+            for module, module_events in events.items():
+                for name, s in self_times(module_events):
+                    per_op[(module, name)] += s
+    return wall, per_op
+
+
 def part_flops(config: SDARConfig, rows: int, length: int, masked: int) -> dict[str, float]:
     """Model FLOPs per part of one step (forward + backward)."""
     c, tokens = config, rows * 2 * length
@@ -104,25 +130,18 @@ def main() -> None:
     hlo = run.step.lower(*run.args()).compile().as_text()
     op_names = dict(_METADATA.findall(hlo))
 
-    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="train_step_trace_")
-    jax.profiler.start_trace(trace_dir)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        jax.block_until_ready(run())
-    wall = (time.perf_counter() - start) / args.steps
-    jax.profiler.stop_trace()
-    profile = jax.profiler.ProfileData.from_file(
-        sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1])
+    def steps() -> None:
+        for _ in range(args.steps):
+            jax.block_until_ready(run())
 
+    wall, per_module_op = traced(steps, ("jit_train_step",), args.trace_dir)
+    wall /= args.steps
     seconds: dict[tuple[str, str], float] = collections.defaultdict(float)
     per_op: dict[str, float] = collections.defaultdict(float)
-    for plane in profile.planes:
-        for line in plane.lines:
-            events = [e for e in line.events if "hlo_op" in dict(e.stats)
-                      and dict(e.stats).get("hlo_module") == "jit_train_step"]
-            for name, s in self_times(events):
-                seconds[part_of(op_names.get(name, ""))] += s / args.steps
-                per_op[name] += s / args.steps
+    for (module, name), s in per_module_op.items():
+        if module == "jit_train_step":
+            seconds[part_of(op_names.get(name, ""))] += s / args.steps
+            per_op[name] += s / args.steps
 
     masked = int(np.asarray(data["noised"].masked).sum())
     flops = part_flops(config, rows, length, masked)
