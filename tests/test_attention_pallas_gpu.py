@@ -1,4 +1,5 @@
-"""The Pallas/Triton block-sparse kernel (interpret mode on CPU) against the reference attention.
+"""The Pallas/Triton block-sparse kernel against the reference attention: compiled on a GPU,
+interpreted elsewhere (the same tests, so a GPU run proves the real kernel).
 
 Forward and gradients are compared with the dense-mask reference and ``jax.vjp`` of it on random
 packed canvases; the CUDA lowering is checked without a GPU.
@@ -18,6 +19,7 @@ from dirl_jax.attention.pallas_gpu import pallas_gpu_attention
 from dirl_jax.attention.reference import reference_attention
 from dirl_jax.canvas import Canvas
 
+INTERPRET = jax.default_backend() != "gpu"
 F32_TOL = dict(atol=1e-5, rtol=1e-5)
 # Each interpret-mode program runs once: skipping XLA's backend optimizations cuts compile time ~35%.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -30,7 +32,8 @@ def kernel_and_reference(q_canvas: Canvas, kv_canvas: Canvas, q_tile: int, kv_ti
     def kernel(q, k, v):
         schedule = schedule_lib.tile_schedule(q_canvas, kv_canvas, q_tile=q_tile, kv_tile=kv_tile)
         return pallas_gpu_attention(q, k, v, schedule, schedule_lib.canvas_tags(q_canvas),
-                                    schedule_lib.canvas_tags(kv_canvas), scale=scale, interpret=True)
+                                    schedule_lib.canvas_tags(kv_canvas), scale=scale,
+                                    interpret=INTERPRET)
 
     def reference(q, k, v):
         return reference_attention(q, k, v, canvas_lib.dense_mask(q_canvas, kv_canvas), scale=scale)
@@ -152,7 +155,7 @@ def test_rejects_bad_inputs(problem):
         v = v.astype(jnp.bfloat16)
     match = {"tile": "powers of two", "length": "multiples of the tiles", "dtype": "share a dtype"}
     with pytest.raises(ValueError, match=match[problem]):
-        pallas_gpu_attention(q, k, v, schedule, tags, tags, interpret=True)
+        pallas_gpu_attention(q, k, v, schedule, tags, tags, interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
