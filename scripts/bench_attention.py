@@ -10,7 +10,8 @@ processes took CPU meanwhile (``busy``, :func:`benchlib.alternate`). ``seq_len``
 canvas length 2n (n clean + n noisy tokens, one sample). Effective FLOP/s counts the matmul FLOPs
 of the non-empty tiles only (forward: QK^T and PV; forward+backward: 3.5x that, the flash
 recompute), so implementations are compared on the work the mask actually needs.
-``flex_torch`` is PyTorch FlexAttention (``torch.compile``), forward only: it has no CPU backward.
+``flex_torch`` is PyTorch FlexAttention (``torch.compile``): on CUDA where torch sees a GPU
+(forward and forward+backward), else on the CPU, forward only (no CPU backward).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dirl_jax import canvas as canvas_lib
 from dirl_jax.attention import DEFAULT_TILES, attention, resolve_impl
 from dirl_jax.attention import schedule as schedule_lib
 
-PLATFORM_IMPLS = {"cpu": ["reference", "tiled", "flex_torch"], "gpu": ["reference", "tiled", "pallas_gpu"],
+PLATFORM_IMPLS = {"cpu": ["reference", "tiled", "flex_torch"], "gpu": ["reference", "tiled", "pallas_gpu", "flex_torch"],
                   "tpu": ["reference", "tiled", "splash"]}
 BACKWARD_FACTOR = 3.5
 
@@ -60,10 +61,13 @@ def jax_runners(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, n: int,
 
 def flex_runners(q: jax.Array, k: jax.Array, v: jax.Array, n: int,
                  block_size: int) -> dict[str, Callable[[], Any]]:
+    """PyTorch FlexAttention (``torch.compile``) on the same mask: on CUDA when torch sees a GPU
+    (forward and forward+backward, synchronised), else on the CPU (forward only)."""
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     torch.set_num_threads(os.cpu_count() or 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def mask_mod(b, h, q_idx, kv_idx):  # the same two-stream mask as canvas.visible
         q_noisy, kv_noisy = q_idx < n, kv_idx < n
@@ -73,17 +77,29 @@ def flex_runners(q: jax.Array, k: jax.Array, v: jax.Array, n: int,
                 | (~q_noisy & ~kv_noisy & (kv_block <= q_block)))
 
     length = 2 * n
-    block_mask = create_block_mask(mask_mod, None, None, length, length, device="cpu")
+    block_mask = create_block_mask(mask_mod, None, None, length, length, device=device)
     dtype = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16}[q.dtype]
-    tq, tk, tv = (torch.from_numpy(np.array(x, np.float32)).to(dtype).transpose(1, 2).contiguous()
-                  for x in (q, k, v))
+    tq, tk, tv = (torch.from_numpy(np.array(x, np.float32)).to(device, dtype).transpose(1, 2)
+                  .contiguous().requires_grad_(device == "cuda") for x in (q, k, v))
     compiled = torch.compile(flex_attention)
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     def fwd():
         with torch.no_grad():
-            return compiled(tq, tk, tv, block_mask=block_mask, enable_gqa=True)
+            out = compiled(tq, tk, tv, block_mask=block_mask, enable_gqa=True)
+        synchronize()
+        return out
 
-    return {"fwd": fwd}
+    def fwd_bwd():
+        tq.grad = tk.grad = tv.grad = None
+        compiled(tq, tk, tv, block_mask=block_mask, enable_gqa=True).sum().backward()
+        synchronize()
+        return tq.grad
+
+    return {"fwd": fwd, "fwd_bwd": fwd_bwd} if device == "cuda" else {"fwd": fwd}
 
 
 def fits_in_memory(impl: str, length: int, heads: int) -> bool:
