@@ -125,11 +125,18 @@ def test_a_sampled_row_depends_on_its_seed_not_its_batch(seed):
     prompts = random_prompts(np.random.default_rng(seed), lengths=(5, 8, 13))
     cfg = sampling(config, temperature=1.0, strategy="low_confidence_dynamic")
     whole = decode_prompts(model, prompts, cfg, seed=seed, row_seeds=[7, 8, 9])
+
+    def assert_same_rows(got: list[dict], want: list[dict]) -> None:
+        """Tokens and step maps exactly; log-probs to fp32 reduction order (other rows change
+        when slots compact and which positions share the vocabulary head's matmul)."""
+        for g, w in zip(got, want, strict=True):
+            assert g["token_ids"] == w["token_ids"] and g["step_map"] == w["step_map"]
+            np.testing.assert_allclose(g["logprobs"], w["logprobs"], atol=1e-5)
+
     part = decode_prompts(model, [prompts[2], prompts[0]], cfg, seed=seed, row_seeds=[9, 7])
-    for got, want in zip(part, [whole[2], whole[0]]):
-        assert got["token_ids"] == want["token_ids"] and got["step_map"] == want["step_map"]
-        np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
-    assert decode_prompts(model, prompts, cfg, seed=seed, row_seeds=[7, 8, 10])[:2] == whole[:2]
+    assert_same_rows(part, [whole[2], whole[0]])
+    other = decode_prompts(model, prompts, cfg, seed=seed, row_seeds=[7, 8, 10])
+    assert_same_rows(other[:2], whole[:2])
     with pytest.raises(ValueError, match="row_seeds"):
         decode_prompts(model, prompts, cfg, seed=seed, row_seeds=[1, 2])
 
