@@ -51,7 +51,7 @@ def weight_floor(config: SDARConfig, rows: int, head_rows: int, repeats: int = 2
     @jax.jit
     def products(x, layers, head):
         for wq, wk, wv, wo, wg, wu, wd in layers:
-            attn = (x @ wq)[:, :q] + jnp.pad(x @ wk + x @ wv, ((0, 0), (0, q - kv)))
+            attn = x @ wq + jnp.pad(x @ wk + x @ wv, ((0, 0), (0, q - kv)))  # the q, k, v products
             x = x + attn @ wo
             x = x + (x @ wg) * (x @ wu) @ wd
         return x[:head_rows] @ head
