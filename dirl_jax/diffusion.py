@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from dirl_jax import canvas as canvas_lib
-from dirl_jax.data.sft import IGNORE
 from dirl_jax.token_scores import chunked_token_scores
+
+IGNORE = -100  # the label of a token that carries no loss (Hugging Face's ignore index)
 
 
 class Noised(NamedTuple):

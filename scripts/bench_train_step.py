@@ -6,7 +6,7 @@
 Both sides run one update on the same weights, noise and two-stream canvas (``[noisy | clean]``,
 block-diffusion mask): the 1/p-weighted cross-entropy, gradient clipping and AdamW with the SFT
 defaults (constant learning rate; no decay on norm scales). The JAX side is the trainer's own
-compiled step (:func:`dirl_jax.trainers.sft.make_train_step`, noising included). The PyTorch side
+compiled step (:func:`dirl_jax.trainers.steps.make_train_step`, noising included). The PyTorch side
 is transformers' Qwen3 with the mask as a dense 4-D additive ``attention_mask`` (SDPA), full
 logits and a 1/p-weighted cross-entropy over the masked tokens: what a PyTorch user gets where
 FlexAttention has no backward (CPU).
@@ -37,7 +37,7 @@ from dirl_jax import diffusion
 from dirl_jax.config import sft_defaults
 from dirl_jax.model import SDARConfig, SDARForCausalLM
 from dirl_jax.optim import make_optimizer
-from dirl_jax.trainers import sft as sft_trainer
+from dirl_jax.trainers.steps import make_train_step
 
 CONFIGS = {
     # name: (model fields, rows, tokens per row)
@@ -51,7 +51,11 @@ LEARNING_RATE = 1e-4
 
 
 def model_config(name: str) -> SDARConfig:
-    fields, _, _ = CONFIGS[name]
+    return sdar_config(CONFIGS[name][0])
+
+
+def sdar_config(fields: dict[str, int]) -> SDARConfig:
+    """An untied SDAR config of the given shape, block size 4, special tokens at the vocabulary's end."""
     vocab = fields["vocab_size"]
     return SDARConfig(**fields, block_size=BLOCK_SIZE, mask_token_id=vocab - 1,
                       eos_token_id=vocab - 2, pad_token_id=vocab - 3, bos_token_id=vocab - 2,
@@ -69,7 +73,7 @@ def train_config(impl: str) -> ConfigDict:
 
 def make_batch(config: SDARConfig, rows: int, length: int, seed: int) -> dict[str, Any]:
     """Random tokens, one sample per row, every token supervised, and the noising the trainer's
-    step draws from ``key`` (one key per row, :func:`dirl_jax.trainers.sft.make_train_step`)."""
+    step draws from ``key`` (one key per row, :func:`dirl_jax.trainers.steps.make_train_step`)."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, config.vocab_size - 3, (rows, length)).astype(np.int32)
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()
@@ -83,13 +87,13 @@ def make_batch(config: SDARConfig, rows: int, length: int, seed: int) -> dict[st
 
 
 def jax_step(model: SDARForCausalLM, data: dict[str, Any], impl: str) -> Callable[[], Any]:
-    """The trainer's own jitted step (:func:`dirl_jax.trainers.sft.make_train_step`: noising,
+    """The trainer's own jitted step (:func:`dirl_jax.trainers.steps.make_train_step`: noising,
     loss, gradients, clipping, AdamW; parameters and optimizer state donated), one micro-batch."""
     config = train_config(impl)
     graphdef, params = nnx.split(model, nnx.Param)
     params = jax.tree.map(jnp.copy, params)  # the step donates them; the model stays usable
     tx = make_optimizer(config.train)
-    step = sft_trainer.make_train_step(graphdef, tx, config, model.config)
+    step = make_train_step(graphdef, tx, config, model.config)
     batch = {k: jnp.asarray(v)[None] for k, v in data["batch"].items()}  # [grad_accum = 1, rows, L]
     state = {"params": params, "opt": tx.init(params)}
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import random_model, tiny_config
 from dirl_jax import canvas as canvas_lib
 from dirl_jax import diffusion
-from dirl_jax.data.sft import IGNORE
+from dirl_jax.diffusion import IGNORE
 
 
 def test_chunked_cross_entropy_and_grads_match_float64(seed):

@@ -427,7 +427,7 @@ def test_default_clip_range_is_the_originals_asymmetric_one(seed):
     from flax import nnx
 
     from dirl_jax.config import dipo_defaults
-    from dirl_jax.trainers.dipo import Updater
+    from dirl_jax.trainers.steps import Updater
     from dirl_jax.mesh import make_mesh
     from dirl_jax.model import abstract_model
     from dirl_jax.optim import make_optimizer

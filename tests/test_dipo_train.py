@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, save_toy_chat_model
 from dirl_jax.config import ConfigValueError, dipo_defaults
 from dirl_jax.run import validate_dipo
-from dirl_jax.trainers.dipo import Updater, check_canvas_fits, run_dipo
+from dirl_jax.trainers.dipo import check_canvas_fits, run_dipo
+from dirl_jax.trainers.steps import Updater
 
 
 def tiny_run_config(tmp_path, seed):

@@ -15,6 +15,7 @@ from conftest import train_cli
 from dirl_jax import mesh as mesh_lib
 from dirl_jax import run as run_lib
 from dirl_jax.trainers import sft as sft_trainer
+from dirl_jax.trainers.steps import make_train_step
 from dirl_jax.config import ConfigValueError, sft_defaults
 from dirl_jax.data import sft as sft_data
 from dirl_jax.optim import make_optimizer
@@ -40,7 +41,7 @@ def one_update(config, shape, devices, local_batch, seed):
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(config.train)
     opt_state = mesh_lib.on_mesh(tx.init(params), mesh)
-    step = sft_trainer.make_train_step(graphdef, tx, config, model_config)
+    step = make_train_step(graphdef, tx, config, model_config)
     batch = mesh_lib.global_batch({k: v[None] for k, v in local_batch.items()}, mesh, row_axis=1)
     new_params, _, metrics = step(params, opt_state, batch, jax.random.key(seed), 0)
     return params, jax.device_get(new_params), jax.device_get(metrics)

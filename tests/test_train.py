@@ -19,6 +19,7 @@ from conftest import REPO
 from dirl_jax import mesh as mesh_lib
 from dirl_jax import run as run_lib
 from dirl_jax.trainers import sft as sft_trainer
+from dirl_jax.trainers.steps import make_train_step
 from dirl_jax.config import ConfigValueError, check_model_block_size, sft_defaults
 from dirl_jax.run import validate_sft as validate
 from dirl_jax.data import sft as sft_data
@@ -61,7 +62,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, seed):
         model = run_lib.build_model(config, model_config, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
         graphdef, params = nnx.split(model, nnx.Param)
         tx = make_optimizer(config.train)
-        step = sft_trainer.make_train_step(graphdef, tx, config, model_config)
+        step = make_train_step(graphdef, tx, config, model_config)
         shaped = {k: jnp.asarray(v).reshape(accum, 8 // accum, -1) for k, v in batch.items()}
         new_params, _, metrics = step(params, tx.init(params), shaped, jax.random.key(seed), 0)
         results.append((jax.device_get(new_params), jax.device_get(metrics)))
@@ -301,7 +302,7 @@ def test_sft_step_loss_is_normalised_by_supervised_not_masked_tokens(seed):
 
     from conftest import random_model, tiny_config
     from dirl_jax import diffusion
-    from dirl_jax.data.sft import IGNORE
+    from dirl_jax.diffusion import IGNORE
     block, accum, micro, length = 4, 2, 2, 16
     rows = accum * micro
     model_config = tiny_config(block_size=block, layers=1)
@@ -357,7 +358,7 @@ def test_sft_step_loss_is_normalised_by_supervised_not_masked_tokens(seed):
 
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(config.train)
-    step = sft_trainer.make_train_step(graphdef, tx, config, model_config)
+    step = make_train_step(graphdef, tx, config, model_config)
     shaped = {k: jnp.asarray(v, jnp.int32).reshape(accum, micro, length) for k, v in batch.items()}
     _, _, metrics = step(params, tx.init(params), shaped, key, 0)
     assert masked.sum() < supervised.sum()  # ÷ #masked would give another value

@@ -19,8 +19,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from dirl_jax.data.records import DataError
+from dirl_jax.diffusion import IGNORE
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant")
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ the run. The new parameters go to the engine without leaving the device.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -21,12 +20,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
 from dirl_jax import dipo, distributed, run
-from dirl_jax import mesh as mesh_lib
 from dirl_jax.checkpoint import start_or_resume
 from dirl_jax.config import SPLIT_FIELDS, check
 from dirl_jax.data import rl as rl_data
@@ -34,10 +31,11 @@ from dirl_jax.data import toy
 from dirl_jax.data.tokenizer import stop_token_ids
 from dirl_jax.evaluation.builtin import builtin_eval_runs, evaluate_builtin
 from dirl_jax.metrics import write_json_atomic
-from dirl_jax.optim import learning_rate_schedule, make_optimizer
+from dirl_jax.optim import make_optimizer
 from dirl_jax.rewards import REWARDS, Response, grade, weighted_rewards
 from dirl_jax.rollout.engine import RolloutEngine, make_engine
 from dirl_jax.rollout.sampler import SamplingConfig
+from dirl_jax.trainers.steps import Updater
 
 log = logging.getLogger(__name__)
 
@@ -56,73 +54,6 @@ def check_same_split(config: ConfigDict) -> None:
         check(saved.get(field) == config.data[field], f"data.{field}",
               f"{config.data[field]!r} differs from the SFT run's {saved.get(field)!r} ({path}): "
               f"the held-out split must be the one the SFT run used")
-
-
-class Updater:
-    """The jitted pieces of one DiPO update: per-micro-batch gradients (summed, since the loss
-    weights are normalised over the whole rollout batch), one AdamW step per PPO iteration, and
-    log-prob scoring for the frozen reference and trainer-side old log-probs."""
-
-    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ConfigDict,
-                 mesh: jax.sharding.Mesh):
-        self.mesh = mesh
-        t = config.train
-        self.loss_cfg = dipo.LossConfig(eps_low=t.eps_low, eps_high=t.eps_high,
-                                        log_ratio_clamp=t.log_ratio_clamp, beta=t.kl_beta)
-        score_kwargs = dict(temperature=config.rollout.temperature,
-                            attn_impl=config.model.attention_impl, chunk=t.logprob_chunk)
-        schedule = learning_rate_schedule(t)
-
-        def objective(params, batch):
-            return dipo.dipo_objective(nnx.merge(graphdef, params), batch, self.loss_cfg,
-                                       **score_kwargs)
-
-        @jax.jit
-        def gradients(params, batch):
-            (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
-            return grads, {**stats, "loss": loss}
-
-        @functools.partial(jax.jit, donate_argnums=0)
-        def accumulate(total, grads):
-            return jax.tree.map(jnp.add, total, grads)
-
-        @functools.partial(jax.jit, donate_argnums=1)  # params stay: the engine shares them
-        def apply(params, opt_state, grads, step):
-            updates, opt_state = tx.update(grads, opt_state, params)
-            stats = {"grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
-            return optax.apply_updates(params, updates), opt_state, stats
-
-        @jax.jit
-        def score(params, batch):
-            return dipo.score_tokens(nnx.merge(graphdef, params), batch, **score_kwargs)[0]
-
-        self._gradients, self._accumulate, self._apply, self._score = gradients, accumulate, apply, score
-
-    def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """A micro-batch (the same on every host) on the mesh: canvas rows over
-        ``data x fsdp``, scored tokens replicated (they index the rows)."""
-        return {k: mesh_lib.from_host_copy(v, mesh_lib.batch_sharding(self.mesh, 2, 0) if v.ndim == 2
-                                           else mesh_lib.replicated(self.mesh))
-                for k, v in batch.items()}
-
-    def score(self, params, batch: dict[str, jax.Array]) -> jax.Array:
-        with jax.set_mesh(self.mesh):
-            return self._score(params, batch)
-
-    def step(self, params, opt_state, micro_batches: list[dict[str, jax.Array]], step: int):
-        """One optimizer update over every micro-batch of the rollout batch."""
-        total, per_batch = None, []
-        with jax.set_mesh(self.mesh):  # Pallas attention kernels then run per device
-            for batch in micro_batches:  # no host sync inside: statistics are fetched once
-                grads, stats = self._gradients(params, batch)
-                total = grads if total is None else self._accumulate(total, grads)
-                per_batch.append(stats)
-            params, opt_state, stats = self._apply(params, opt_state, total, step)
-        per_batch, stats = jax.device_get((per_batch, stats))
-        per_batch = [{k: float(v) for k, v in s.items()} for s in per_batch]
-        stats = {**dipo.reduce_stats(per_batch), "loss": sum(s["loss"] for s in per_batch),
-                 **{k: float(v) for k, v in stats.items()}}
-        return params, opt_state, stats
 
 
 def generate_and_grade(engine: RolloutEngine, prompts: list[list[int]], answers: list[str],

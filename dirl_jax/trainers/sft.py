@@ -1,78 +1,28 @@
 """Blockwise-diffusion SFT (``task = "sft"``): one compiled step per global batch with exact
-gradient accumulation, orbax checkpoints with exact resume, metrics, the built-in held-out
-evaluation and the HF export. The set-up is :mod:`dirl_jax.run`'s."""
+gradient accumulation (:func:`dirl_jax.trainers.steps.make_train_step`), orbax checkpoints with
+exact resume, metrics, the built-in held-out evaluation and the HF export. The set-up is :mod:`dirl_jax.run`'s."""
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from dirl_jax import diffusion, run
+from dirl_jax import run
 from dirl_jax import mesh as mesh_lib
 from dirl_jax.checkpoint import start_or_resume
 from dirl_jax.data import sft as sft_data
 from dirl_jax.evaluation.builtin import builtin_eval_runs, evaluate_builtin
 from dirl_jax.metrics import write_json_atomic
-from dirl_jax.model import SDARConfig
-from dirl_jax.optim import learning_rate_schedule, make_optimizer
+from dirl_jax.optim import make_optimizer
+from dirl_jax.trainers.steps import make_train_step
 
 
-# ----------------------------------------------------------------------------- the step
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ConfigDict,
-                    model_config: SDARConfig):
-    """One optimizer update per global batch ``[grad_accum, micro_batch, L]``: gradients of the
-    loss numerators are summed over micro-batches and divided by the global number of
-    supervised tokens, so any split of the batch gives the same update."""
-    loss_parts = functools.partial(
-        diffusion.sft_loss_parts, block_size=config.diffusion.block_size,
-        mask_token_id=model_config.mask_token_id, eps=config.diffusion.eps,
-        chunk=config.diffusion.loss_chunk, attn_impl=config.model.attention_impl,
-        block_aligned=True)  # samples are padded to whole blocks before packing
-    schedule = learning_rate_schedule(config.train)
-
-    def numerator(params, micro_batch, row_keys):
-        parts = loss_parts(nnx.merge(graphdef, params), micro_batch, row_keys)
-        return parts.weighted_ce_sum, parts
-
-    def micro_step(params, micro_batch, row_keys):
-        """Gradient of one micro-batch's loss numerator, the numerator and the token counts."""
-        (value, parts), grads = jax.value_and_grad(numerator, has_aux=True)(params, micro_batch, row_keys)
-        return grads, value, parts.num_supervised, parts.num_masked
-
-    def train_step(params, opt_state, batch, key, step):
-        keys = jax.random.split(key, batch["tokens"].shape[0] * batch["tokens"].shape[1])
-        keys = keys.reshape(batch["tokens"].shape[:2])  # one noise key per row of the global batch
-        if batch["tokens"].shape[0] == 1:  # no accumulator: a zero-filled copy of the gradients saved
-            grads, ce, supervised, masked = micro_step(params, jax.tree.map(lambda x: x[0], batch),
-                                                       keys[0])
-        else:
-            def accumulate(carry, inputs):
-                return jax.tree.map(jnp.add, carry, micro_step(params, *inputs)), None
-
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros((), jnp.int32),
-                     jnp.zeros((), jnp.int32))
-            (grads, ce, supervised, masked), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
-        denominator = jnp.maximum(supervised, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / denominator, grads)
-        with jax.named_scope("optimizer"):
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-        metrics = {"loss": ce / denominator, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(step), "masked_fraction": masked / denominator,
-                   "supervised_tokens": supervised}
-        return params, opt_state, metrics
-
-    return jax.jit(train_step, donate_argnums=(0, 1))
-
-
+# ----------------------------------------------------------------------------- noise keys
 def step_key(base_key: jax.Array, step: int) -> jax.Array:
     """The noise key of a step: a pure function of (seed, step), the same on every host (the
     global batch's rows then get one key each), so a resumed run, or one split over other hosts

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs the model, attention, sampler, DiPO and accelerator-check test files under other JAX
+# releases, each in a throw-away venv on the CPU. Not CI (CI keeps constraints.txt's jax).
+#
+#   bash scripts/check_jax_versions.sh [VERSION ...]
+#
+# Default: the newest jax 0.11.x the package index offers (an error naming what it offers when
+# there is none). WHEELS=DIR adds a folder of jax/jaxlib wheels (pip --find-links), for an index
+# that lags behind. Every other package keeps the version in constraints.txt. Prints one line per
+# version: the pytest summary, or the step that failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+FILES=(tests/test_model_parity.py tests/test_attention.py tests/test_attention_pallas_gpu.py
+       tests/test_attention_splash.py tests/test_sampler.py tests/test_dipo.py
+       tests/test_accelerator_check.py)
+FIND_LINKS=()
+[ -n "${WHEELS:-}" ] && FIND_LINKS=(--find-links "$WHEELS")
+
+newest_011() {
+  local offered
+  offered=$("$PYTHON" -m pip index versions jax "${FIND_LINKS[@]}" 2>/dev/null \
+            | sed -n 's/^Available versions: //p' | tr -d ' ' | tr ',' '\n')
+  local pick
+  pick=$(printf '%s\n' $offered | grep -E '^0\.11\.[0-9]+$' | sort -t. -k3,3n | tail -1 || true)
+  if [ -z "$pick" ]; then
+    echo "check_jax_versions: the package index offers no jax 0.11.x (newest: $(printf '%s\n' $offered | head -1));" \
+         "pass versions as arguments or set WHEELS=DIR" >&2
+    exit 2
+  fi
+  echo "$pick"
+}
+
+VERSIONS=("$@")
+[ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=("$(newest_011)")
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+grep -v -E '^(jax|jaxlib)==' constraints.txt > "$WORK/constraints.txt"
+SUMMARY=()
+for version in "${VERSIONS[@]}"; do
+  venv="$WORK/venv-$version"
+  "$PYTHON" -m venv "$venv"
+  log="$WORK/jax-$version.log"
+  echo "== jax $version: installing into $venv" >&2
+  if ! { "$venv/bin/python" -m pip install -q --upgrade pip \
+         && "$venv/bin/python" -m pip install -q -c "$WORK/constraints.txt" "${FIND_LINKS[@]}" \
+              "jax==$version" "jaxlib==$version" -e ".[test]" \
+         && "$venv/bin/python" -m pip install -q --no-deps -c "$WORK/constraints.txt" lmdeploy; } >"$log" 2>&1; then
+    tail -5 "$log" >&2
+    SUMMARY+=("jax $version: install failed (see above)")
+    continue
+  fi
+  echo "== jax $version: $("$venv/bin/python" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)')" >&2
+  set +e
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider "${FILES[@]}" 2>&1 | tee "$log" >&2
+  set -e
+  SUMMARY+=("jax $version: $(grep -E '(passed|failed|error)' "$log" | tail -1)")
+done
+printf '%s\n' "${SUMMARY[@]}"
