@@ -177,3 +177,23 @@ def test_an_unknown_section_is_an_error_naming_the_choices(capsys):
         check.parse_args(["--sections", "peak", "kernels"])
     assert ("--sections: unknown kernels; available: peak, kernel_equality, kernel_speed, train_step, "
             "rollout, dipo_update") in capsys.readouterr().err
+
+
+def test_the_check_imports_nothing_an_accelerator_image_lacks():
+    """The lent GPU image has jax, flax, optax, orbax and torch but not grain, math-verify,
+    transformers or tokenizers: the script must import without them (and without orbax)."""
+    blocked = ("grain", "orbax", "math_verify", "transformers", "tokenizers", "tensorboardX", "datasets")
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, {str(REPO / "scripts")!r})
+import accelerator_check
+print("imported")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
