@@ -146,7 +146,10 @@ def dipo_defaults() -> ConfigDict:
                                           # or "module:Class" of a RolloutEngine
         engine_options=ConfigDict(dict(   # external engine: e.g. servers="http://h:23333,http://h2:23333",
             servers="", weight_push="",   # weight_push="ipc" | "nccl:HOST:PORT" | "agents:URL,..."
-            model_dir=""))))              # the served export (default: init_from's HF directory)
+            model_dir="",                 # the served export (default: init_from's HF directory)
+            api_key_env=""))))            # the variable holding the servers'/agents' shared key
+                                          # (sent as Authorization: Bearer; never in a config);
+                                          # "" = the engine's default, $DIRL_API_KEY
     config.rewards = ConfigDict(dict(names=("accuracy",), weights=(), grade_timeout=10.0,
                                      latex_fallback=True))  # the original's sympy fallback (rewards.grade)
     config.train = ConfigDict(dict(
@@ -234,7 +237,8 @@ def eval_defaults() -> ConfigDict:
         config[name] = config_dict.placeholder(kind)
     config.batch_size = 64                # prompts per engine call (per host)
     config.engine = "jax"                 # "jax" (in-process), "lmdeploy" or "module:Class"
-    config.engine_options = ConfigDict(dict(servers=""))  # external engine: comma-separated URLs
+    config.engine_options = ConfigDict(dict(  # external engine: comma-separated URLs, and the
+        servers="", api_key_env=""))      # variable holding their key ("" = $DIRL_API_KEY)
     config.compute_dtype = "bfloat16"
     config.attention_impl = "auto"
     config.grade_timeout = 10.0

@@ -14,15 +14,22 @@
 #   LMDEPLOY_DTYPE             [bfloat16] auto | float16 | bfloat16
 #   CACHE_MAX_ENTRY_COUNT      [0.8]  fraction of free GPU memory for the KV cache
 #   PORT                       [23333] (the second argument wins)
-#   HOST                       [0.0.0.0]
-#   LMDEPLOY_API_KEY           [unset] passed as --api-keys and used for the health check
+#   HOST                       [127.0.0.1] 0.0.0.0 serves other machines (the trainer elsewhere)
+#   LMDEPLOY_API_KEY           [$DIRL_API_KEY] the shared key: passed as --api-keys, so every
+#                              endpoint but /health needs Authorization: Bearer (the trainer sends
+#                              $DIRL_API_KEY); required: without one the script refuses to start
+#                              unless INSECURE=1 (LMDeploy's /update_weights unpickles its body:
+#                              whoever reaches an open server runs code on this node)
+#   INSECURE                   [0] 1 = serve without a key (docs/SECURITY.md)
 #   STARTUP_TIMEOUT            [900] seconds to wait for the server to become healthy
 #   LMDEPLOY_LOG               [${TMPDIR:-/tmp}/lmdeploy-PORT.log]
 #   LMDEPLOY_BIN / PYTHON      [lmdeploy / python3]
 #
 # --distributed-executor-backend ray is always passed: only the Ray executor implements the
 # weight-update endpoints (/update_weights, /update_weights_from_distributed). The model's config
-# class is remote code (configuration_sdar.py), hence --trust-remote-code.
+# class is remote code (configuration_sdar.py, the export's own file: a config class, no model
+# code), hence --trust-remote-code: without it LMDeploy's generic fallback config has no RoPE
+# parameters (tests/test_torch_bridge_export.py::test_lmdeploy_still_needs_the_exported_config_class).
 set -euo pipefail
 
 die() { echo "launch_lmdeploy: error: $*" >&2; exit 1; }
@@ -31,13 +38,21 @@ die() { echo "launch_lmdeploy: error: $*" >&2; exit 1; }
 MODEL_DIR=$1; shift
 if [[ $# -ge 1 && $1 != -* ]]; then PORT=$1; shift; fi
 PORT=${PORT:-23333}
-HOST=${HOST:-0.0.0.0}
+HOST=${HOST:-127.0.0.1}
+LMDEPLOY_API_KEY=${LMDEPLOY_API_KEY:-${DIRL_API_KEY:-}}
+INSECURE=${INSECURE:-0}
 PYTHON=${PYTHON:-python3}
 LMDEPLOY_BIN=${LMDEPLOY_BIN:-lmdeploy}
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-900}
 LMDEPLOY_LOG=${LMDEPLOY_LOG:-${TMPDIR:-/tmp}/lmdeploy-${PORT}.log}
 
 [[ $PORT =~ ^[0-9]+$ ]] || die "PORT must be a number, got '$PORT'"
+if [[ -z $LMDEPLOY_API_KEY && $INSECURE != 1 ]]; then
+  die "no API key: set DIRL_API_KEY (or LMDEPLOY_API_KEY) to a shared secret, e.g." \
+      "export DIRL_API_KEY=\$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))'), or INSECURE=1" \
+      "to serve without one (anyone who reaches port $PORT on $HOST can then run code on this node)"
+fi
+[[ -n $LMDEPLOY_API_KEY ]] || echo "launch_lmdeploy: warning: INSECURE=1: serving on $HOST:$PORT without an API key" >&2
 [[ -d $MODEL_DIR ]] || die "$MODEL_DIR: not a directory (expected a model exported by torch_bridge.export)"
 [[ -f $MODEL_DIR/config.json ]] || die "$MODEL_DIR: no config.json (expected a model exported by torch_bridge.export)"
 [[ -f $MODEL_DIR/configuration_sdar.py ]] ||
@@ -58,12 +73,12 @@ CACHE_MAX_ENTRY_COUNT=${CACHE_MAX_ENTRY_COUNT:-0.8}
 
 URL="http://127.0.0.1:${PORT}"
 auth_args=()
-[[ -n ${LMDEPLOY_API_KEY:-} ]] && auth_args=(--api-keys "$LMDEPLOY_API_KEY")
+[[ -n $LMDEPLOY_API_KEY ]] && auth_args=(--api-keys "$LMDEPLOY_API_KEY")
 
 # Prints the HTTP status of GET $URL/v1/models ("000" when nothing answers).
 models_status() {
   local header=()
-  [[ -n ${LMDEPLOY_API_KEY:-} ]] && header=(-H "Authorization: Bearer $LMDEPLOY_API_KEY")
+  [[ -n $LMDEPLOY_API_KEY ]] && header=(-H "Authorization: Bearer $LMDEPLOY_API_KEY")
   curl -s -o /dev/null -w '%{http_code}' --max-time 5 "${header[@]}" "$URL/v1/models" || true
 }
 command -v curl >/dev/null || die "curl not found on PATH (needed for the health check)"
@@ -81,7 +96,11 @@ cmd=("$LMDEPLOY_BIN" serve api_server "$MODEL_DIR"
   --dllm-denoising-steps "$DLLM_DENOISING_STEPS"
   --dllm-confidence-threshold "$DLLM_CONFIDENCE_THRESHOLD"
   "${auth_args[@]}" "$@")
-echo "launch_lmdeploy: ${cmd[*]}" >&2
+shown=()  # the command line without the key
+for arg in "${cmd[@]}"; do
+  if [[ -n $LMDEPLOY_API_KEY && $arg == "$LMDEPLOY_API_KEY" ]]; then shown+=("<key>"); else shown+=("$arg"); fi
+done
+echo "launch_lmdeploy: ${shown[*]}" >&2
 echo "launch_lmdeploy: log: $LMDEPLOY_LOG" >&2
 nohup "${cmd[@]}" >"$LMDEPLOY_LOG" 2>&1 &
 PID=$!

@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 SOURCE=$1; PORT=${2:-23333}
 OUT=${OUT:-$(mktemp -d)/export}
 PYTHON=${PYTHON:-.venv/bin/python}
+# the server and the client share a key (launch_lmdeploy.sh requires one; LMDeployEngine reads it)
+export DIRL_API_KEY=${DIRL_API_KEY:-$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(32))')}
 "$PYTHON" -m torch_bridge.export --checkpoint "$SOURCE" --out "$OUT" --dtype bfloat16
 # JAX shares the GPU with the server: keep both away from the whole memory
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.35}

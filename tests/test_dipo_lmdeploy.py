@@ -14,7 +14,7 @@ import torch
 
 from test_dipo_train import tiny_run_config
 from test_lmdeploy_client import Double, Host
-from test_weight_push import RecordingPusher, running_agent
+from test_weight_push import KEY, RecordingPusher, running_agent
 from dirl_jax.config import ConfigValueError
 from dirl_jax.trainers.dipo import run_dipo
 from dirl_jax.model import load_model, parameter_shapes
@@ -34,14 +34,16 @@ def test_dipo_rolls_out_on_lmdeploy_and_pushes_weights_through_an_agent(tmp_path
     model, _ = load_model(config.init_from)
     pusher = RecordingPusher()
     receiver = agent_lib.WeightReceiver(pusher, parameter_shapes(model), device="cpu", dtype=None)
-    host, double = Host(), Double()
+    host, double = Host(), Double(api_key=KEY)  # server and agent both require the key
+    monkeypatch.setenv("RUN_KEY", KEY)
     try:
-        with running_agent(receiver) as agent_url:
-            config.rollout.engine_options.update(servers=host.start(double),
+        with running_agent(receiver, api_key=KEY) as agent_url:
+            config.rollout.engine_options.update(servers=host.start(double), api_key_env="RUN_KEY",
                                                  weight_push=f"agents:{agent_url}")
             run_dipo(config)
     finally:
         host.stop_all()
+    assert KEY not in (tmp_path / "dipo" / "config.json").read_text()
     prompts = [p for body in double.bodies for p in body["prompt"]]
     assert len(prompts) == config.rollout.prompts_per_step * config.rollout.group_size
     (row,) = [json.loads(line) for line in (tmp_path / "dipo" / "metrics.jsonl").read_text().splitlines()]

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from dirl_jax.data.toy import toy_tokenizer
 from dirl_jax.rollout.sampler import SamplingConfig
+from torch_bridge.auth import require_bearer
 from torch_bridge.lmdeploy_client import LMDeployEngine, ResponseValidationError, RolloutError
 
 BLOCK = 4
@@ -39,11 +40,12 @@ def sampling(**kw: Any) -> SamplingConfig:
 class Double:
     """One fake api_server. Faults: ``delay_s`` before answering, ``fail_after`` good completions
     then ``failure`` (``500`` | ``drop`` the connection | ``json`` garbage), ``corrupt`` to edit
-    each answer body."""
+    each answer body. With ``api_key`` every request needs it, as LMDeploy's ``--api-keys``."""
 
     def __init__(self, *, delay_s: float = 0.0, fail_after: int | None = None, failure: str = "500",
-                 corrupt: Callable[[dict], None] | None = None):
+                 corrupt: Callable[[dict], None] | None = None, api_key: str | None = None):
         self.delay_s, self.fail_after, self.failure, self.corrupt = delay_s, fail_after, failure, corrupt
+        self.api_key = api_key
         self.bodies: list[dict] = []
         self.control: list[tuple[str, list[tuple[str, str]], str]] = []
 
@@ -104,7 +106,7 @@ class Double:
         return web.json_response(None)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[require_bearer(self.api_key)] if self.api_key else [])
         app.add_routes([web.post("/v1/completions", self.completions), web.get("/v1/models", self.models),
                         web.post("/sleep", self.record), web.post("/wakeup", self.record)])
         return app

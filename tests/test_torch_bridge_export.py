@@ -257,12 +257,13 @@ from lmdeploy.cli.serve import SubCliServe
 CLI.add_parsers()
 SubCliServe.add_parsers()
 args = CLI.parser.parse_args(sys.argv[1:])
-record = {{k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
+record = {{k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}}
 json.dump(record, open({record!r}, "w"))
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200 if self.path == "/v1/models" else 404)
+    def do_GET(self):  # like LMDeploy with --api-keys: /v1 needs the bearer
+        authorized = not args.api_keys or self.headers.get("Authorization") == "Bearer " + args.api_keys[0]
+        self.send_response(401 if not authorized else 200 if self.path == "/v1/models" else 404)
         self.end_headers()
 
 http.server.HTTPServer(("127.0.0.1", args.server_port), Handler).serve_forever()
@@ -283,14 +284,16 @@ def test_launch_script_passes_the_dllm_flags_lmdeploy_parses(run_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "LMDEPLOY_BIN": str(fake), "PYTHON": sys.executable,
            "LMDEPLOY_LOG": str(tmp_path / "server.log"), "DLLM_UNMASKING_STRATEGY": "low_confidence_static",
-           "STARTUP_TIMEOUT": "60"}
+           "STARTUP_TIMEOUT": "60", "DIRL_API_KEY": "launch-test-key"}
     result = subprocess.run([str(script), model, str(port), "--session-len", "4096"], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr + (tmp_path / "server.log").read_text()
     lines = dict(line.split("=", 1) for line in result.stdout.split())
     os.kill(int(lines["PID"]), signal.SIGTERM)  # the stand-in server this test started
     assert lines["URL"] == f"http://127.0.0.1:{port}"
+    assert "launch-test-key" not in result.stderr  # the printed command line hides the key
     args = json.loads((tmp_path / "args.json").read_text())
+    assert args["api_keys"] == ["launch-test-key"] and args["server_name"] == "127.0.0.1"
     assert {k: args[k] for k in ("model_path", "backend", "trust_remote_code", "server_port",
                                  "distributed_executor_backend", "dllm_block_length",
                                  "dllm_unmasking_strategy", "dllm_denoising_steps",
@@ -301,9 +304,38 @@ def test_launch_script_passes_the_dllm_flags_lmdeploy_parses(run_dir, tmp_path):
         "dllm_confidence_threshold": 0.9, "dtype": "bfloat16", "session_len": 4096}
 
 
+def test_lmdeploy_still_needs_the_exported_config_class(run_dir, tmp_path):
+    """Why the launch script passes --trust-remote-code: without the exported SDARConfig class,
+    LMDeploy falls back to a generic config whose ``rope_parameters`` is None, and building the
+    rotary embedding fails. When this test fails, the flag can go."""
+    pytest.importorskip("lmdeploy")
+    from lmdeploy.hf_configs import config_from_pretrained
+    from lmdeploy.pytorch.nn.rotary_embedding import get_rope_theta
+    model = export_for_serving(run_dir, tmp_path / "served")
+    theta = json.loads((pathlib.Path(model) / "config.json").read_text())["rope_theta"]
+    assert get_rope_theta(config_from_pretrained(model, trust_remote_code=True)) == theta
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'get'"):
+        get_rope_theta(config_from_pretrained(model, trust_remote_code=False))
+
+
+def test_launch_script_refuses_to_serve_without_a_key(run_dir, tmp_path):
+    model = export_for_serving(run_dir, tmp_path / "served")
+    env = {k: v for k, v in os.environ.items() if k not in ("DIRL_API_KEY", "LMDEPLOY_API_KEY")}
+    env.update(LMDEPLOY_BIN="true", PYTHON=sys.executable, HOST="0.0.0.0")
+    result = subprocess.run([str(REPO / "scripts" / "launch_lmdeploy.sh"), model], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "error: no API key: set DIRL_API_KEY (or LMDEPLOY_API_KEY)" in result.stderr
+    env.update(INSECURE="1", DLLM_BLOCK_LENGTH="8")  # past the key check: the next check stops it
+    result = subprocess.run([str(REPO / "scripts" / "launch_lmdeploy.sh"), model], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "DLLM_BLOCK_LENGTH=8 differs" in result.stderr
+
+
 def test_launch_script_rejects_a_block_length_other_than_the_models(run_dir, tmp_path):
     model = export_for_serving(run_dir, tmp_path / "served")
-    env = {**os.environ, "DLLM_BLOCK_LENGTH": "8", "LMDEPLOY_BIN": "true", "PYTHON": sys.executable}
+    env = {**os.environ, "DLLM_BLOCK_LENGTH": "8", "LMDEPLOY_BIN": "true", "PYTHON": sys.executable,
+           "DIRL_API_KEY": "k"}
     result = subprocess.run([str(REPO / "scripts" / "launch_lmdeploy.sh"), model], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1

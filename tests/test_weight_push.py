@@ -314,11 +314,18 @@ class RecordingPusher:
         return {n: t for kind, arg in self.events if kind == "send" for n, t in arg[0].items()}
 
 
+KEY = "test-shared-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
 @contextlib.contextmanager
-def running_agent(receiver: agent_lib.WeightReceiver) -> Iterator[str]:
-    """The agent's aiohttp app on a free local port, served from a background thread."""
+def running_agent(receiver: agent_lib.WeightReceiver, api_key: str | None = KEY,
+                  max_request_bytes: int = 1 << 20) -> Iterator[str]:
+    """The agent's aiohttp app (requiring ``api_key``) on a free local port, served from a
+    background thread."""
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(agent_lib.create_app(receiver, max_request_bytes=1 << 20))
+    runner = web.AppRunner(agent_lib.create_app(receiver, api_key=api_key,
+                                                max_request_bytes=max_request_bytes))
     loop.run_until_complete(runner.setup())
     site = web.TCPSite(runner, "127.0.0.1", 0)
     loop.run_until_complete(site.start())
@@ -341,7 +348,7 @@ def test_agents_receive_pushed_weights_bitwise(seed):
     receivers = [agent_lib.WeightReceiver(p, expected, device="cpu", dtype=None,
                                           max_bucket_bytes=TINY_BUCKET // 2) for p in pushers]
     with running_agent(receivers[0]) as url0, running_agent(receivers[1]) as url1:
-        stats = wp.push_to_agents(params, [url0, url1], max_chunk_bytes=TINY_BUCKET)
+        stats = wp.push_to_agents(params, [url0, url1], max_chunk_bytes=TINY_BUCKET, api_key=KEY)
     assert stats["segments"] > 3
     for pusher in pushers:
         kinds = pusher.kinds()
@@ -358,7 +365,7 @@ def test_agent_casts_to_its_dtype(seed):
     receiver = agent_lib.WeightReceiver(pusher, parameter_shapes(random_model(tiny_config(), seed)),
                                         device="cpu", dtype=torch.bfloat16)
     with running_agent(receiver) as url:
-        wp.push_to_agents(params, [url], dtype=torch.float32)
+        wp.push_to_agents(params, [url], dtype=torch.float32, api_key=KEY)
     assert_same_tensors(pusher.tensors(), reference(params, torch.bfloat16))
 
 
@@ -369,7 +376,7 @@ def test_agent_rejects_wrong_names_and_shapes_before_pushing(seed):
     receiver = agent_lib.WeightReceiver(pusher, other, device="cpu", dtype=None)
     with running_agent(receiver) as url:
         with pytest.raises(wp.ServerError) as error:
-            wp.push_to_agents(params, [url])
+            wp.push_to_agents(params, [url], api_key=KEY)
         assert "HTTP 400" in str(error.value) and "missing (" in str(error.value)
         assert "model.layers.2.mlp.up_proj.weight" in str(error.value)
         assert pusher.events == []
@@ -378,19 +385,19 @@ def test_agent_rejects_wrong_names_and_shapes_before_pushing(seed):
     receiver = agent_lib.WeightReceiver(pusher, expected, device="cpu", dtype=None)
     manifest = wp.manifest_body(wp.param_specs(params, torch.bfloat16))
     with running_agent(receiver) as url:
-        response = requests.post(url + "/update/chunk", data=b"")
+        response = requests.post(url + "/update/chunk", data=b"", headers=AUTH)
         assert response.status_code == 409 and "begin" in response.text
-        assert requests.post(url + "/update/begin", json=manifest).status_code == 200
+        assert requests.post(url + "/update/begin", json=manifest, headers=AUTH).status_code == 200
         name = "model.norm.weight"
         wrong = safetensors.torch.save({name: torch.zeros(7, dtype=torch.bfloat16)})
-        response = requests.post(url + "/update/chunk", data=wrong)
+        response = requests.post(url + "/update/chunk", data=wrong, headers=AUTH)
         assert response.status_code == 400
         assert f"{name} has shape (7,), expected (24,)" in response.text
         wrong = safetensors.torch.save({name: torch.zeros(24, dtype=torch.float32)})
-        response = requests.post(url + "/update/chunk", data=wrong)
+        response = requests.post(url + "/update/chunk", data=wrong, headers=AUTH)
         assert response.status_code == 400 and "float32, the manifest says bfloat16" in response.text
         right = safetensors.torch.save({name: torch.zeros(24, dtype=torch.bfloat16)})
-        response = requests.post(url + "/update/chunk", params={"finished": 1}, data=right)
+        response = requests.post(url + "/update/chunk", params={"finished": 1}, data=right, headers=AUTH)
         assert response.status_code == 400 and "missing (" in response.text  # incomplete update
         assert pusher.kinds() == ["begin"]  # nothing was pushed
 

@@ -3,7 +3,13 @@ updates over HTTP from a remote trainer (e.g. a TPU pod, see
 :func:`torch_bridge.weight_push.push_to_agents`), pushing them into the server through CUDA IPC
 (:class:`~torch_bridge.weight_push.IPCWeightPusher`: sleep/wakeup once per update).
 
-    python -m torch_bridge.agent --server http://127.0.0.1:23333 --model-dir /models/sdar-8b
+    DIRL_API_KEY=... python -m torch_bridge.agent --server http://127.0.0.1:23333 \
+        --model-dir /models/sdar-8b --host 0.0.0.0
+
+Every request needs ``Authorization: Bearer <key>`` (401 otherwise, nothing read or changed): the
+key comes from ``$DIRL_API_KEY`` (``--api-key-env``) or ``--api-key-file``, and is also sent to the
+co-located server (launched with the same key). Without a key the agent refuses to start unless
+``--insecure``. It binds loopback unless ``--host`` says otherwise.
 
 Protocol, one update at a time:
 
@@ -24,16 +30,18 @@ import itertools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 from aiohttp import web
 from safetensors import SafetensorError
 
-from torch_bridge.weight_push import (DEFAULT_BUCKET_BYTES, IPCWeightPusher, Pusher, ServerError,
-                                      TensorSpec, WeightNameError, check_names, dtype_name,
+from torch_bridge.auth import DEFAULT_KEY_ENV, check_serving, read_api_key, require_bearer
+from torch_bridge.weight_push import (DEFAULT_BUCKET_BYTES, DEFAULT_CHUNK_BYTES, IPCWeightPusher, Pusher,
+                                      ServerError, TensorSpec, WeightNameError, check_names, dtype_name,
                                       expected_shapes, parse_dtype, plan_buckets, send_segments)
 
-DEFAULT_MAX_REQUEST_BYTES = 4 << 30  # the largest chunk (or single tensor) the agent accepts
+HEADER_ALLOWANCE = 1 << 20  # a chunk's safetensors header (names, shapes, offsets)
 Handler = Callable[[Any, web.Request], Awaitable[web.Response]]
 
 
@@ -141,9 +149,18 @@ class WeightReceiver:
         return nbytes
 
 
-def create_app(receiver: WeightReceiver, *,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> web.Application:
-    app = web.Application(client_max_size=max_request_bytes)
+def max_request_bytes(expected: Mapping[str, Sequence[int]]) -> int:
+    """The largest chunk a trainer sends: a full chunk (``push_to_agents``' default) or one tensor
+    alone, as fp32, whichever is larger, plus its header."""
+    largest = max((4 * int(np.prod(shape)) for shape in expected.values()), default=0)
+    return max(DEFAULT_CHUNK_BYTES, largest) + HEADER_ALLOWANCE
+
+
+def create_app(receiver: WeightReceiver, *, api_key: str | None,
+               max_request_bytes: int) -> web.Application:
+    """The agent's routes; with ``api_key`` every request must carry it (:func:`require_bearer`)."""
+    app = web.Application(client_max_size=max_request_bytes,
+                          middlewares=[require_bearer(api_key)] if api_key else [])
     app.add_routes([web.post("/update/begin", receiver.begin),
                     web.post("/update/chunk", receiver.chunk)])
     return app
@@ -156,12 +173,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-dir", required=True,
                         help="the HF model directory the server was launched from (its config.json "
                              "gives the parameter names and shapes updates are checked against)")
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default loopback; 0.0.0.0 for a trainer on another machine)")
     parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--api-key-env", default=DEFAULT_KEY_ENV,
+                        help="environment variable holding the shared key (default %(default)s)")
+    parser.add_argument("--api-key-file", default=None, help="file holding the shared key (wins over the variable)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="accept requests without a key (anyone who reaches the port can replace the weights)")
     parser.add_argument("--dtype", default="bfloat16",
                         help="dtype pushed into the server (received tensors are cast on the GPU)")
     parser.add_argument("--max-bucket-bytes", type=int, default=DEFAULT_BUCKET_BYTES)
-    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    parser.add_argument("--max-request-bytes", type=int, default=None,
+                        help="largest request body (default: a chunk or the model's largest tensor "
+                             "as fp32, whichever is larger, plus 1 MiB)")
     parser.add_argument("--sleep-level", type=int, choices=(0, 1, 2), default=2,
                         help="/sleep level per update (0: update in place, no sleep/wakeup; "
                              "2: every parameter must be pushed)")
@@ -172,6 +197,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    try:
+        api_key = read_api_key(env=args.api_key_env, file=args.api_key_file)
+        check_serving(args.host, api_key, insecure=args.insecure, what="torch_bridge.agent",
+                      env=args.api_key_env)
+    except ValueError as e:
+        raise SystemExit(f"torch_bridge.agent: error: {e}") from None
     if not torch.cuda.is_available():
         raise SystemExit("torch.cuda is not available: the agent must run on its server's GPU node")
     dtype = parse_dtype(args.dtype)
@@ -180,10 +211,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     sleep_level = args.sleep_level or None
     pusher = IPCWeightPusher(args.server, expected, dtype=dtype,
                              max_bucket_bytes=args.max_bucket_bytes, sleep_level=sleep_level,
-                             devices=devices)
+                             devices=devices, api_key=api_key)
     receiver = WeightReceiver(pusher, expected, device=devices[0], dtype=dtype,
                               max_bucket_bytes=args.max_bucket_bytes, require_all=sleep_level == 2)
-    web.run_app(create_app(receiver, max_request_bytes=args.max_request_bytes),
+    web.run_app(create_app(receiver, api_key=api_key,
+                           max_request_bytes=args.max_request_bytes or max_request_bytes(expected)),
                 host=args.host, port=args.port)
 
 

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.rollout.sampler import SamplingConfig, response_stats
+from torch_bridge.auth import DEFAULT_KEY_ENV, bearer_header, read_api_key
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +204,9 @@ class LMDeployEngine:
     backs off ``backoff_s * 2**(failures - 1)`` seconds. HTTP 4xx and invalid responses are not
     retried. Every prompt gets a validated result or the call raises :class:`RolloutError`.
 
+    Every request (generation, ``/sleep``, ``/wakeup``, weight updates) carries ``Authorization:
+    Bearer`` with ``api_key``, else the key in ``$api_key_env`` (``DIRL_API_KEY``) when it is set.
+
     ``update_weights`` hands the parameters to ``weight_pusher``, or to the pusher that
     ``weight_push`` names (``ipc`` / ``nccl:HOST:PORT`` / ``agents:URL,...``, see
     :func:`torch_bridge.weight_push.make_weight_pusher`) for the model served from ``model_dir``.
@@ -212,8 +216,9 @@ class LMDeployEngine:
                  model_name: str | None = None, served: SamplingConfig, request_batch: int = 256,
                  concurrency: int = 16,
                  timeout_s: float = 3000, retries: int = 3, backoff_s: float = 1.0,
-                 api_key: str | None = None, weight_pusher: WeightPusher | None = None,
-                 weight_push: str = "", model_dir: str | None = None):
+                 api_key: str | None = None, api_key_env: str = DEFAULT_KEY_ENV,
+                 weight_pusher: WeightPusher | None = None, weight_push: str = "",
+                 model_dir: str | None = None):
         checks = [("request_batch", request_batch, request_batch >= 1),
                   ("concurrency", concurrency, concurrency >= 1), ("timeout_s", timeout_s, timeout_s > 0),
                   ("retries", retries, retries >= 0), ("backoff_s", backoff_s, backoff_s >= 0)]
@@ -226,13 +231,14 @@ class LMDeployEngine:
         self.served = served
         self.request_batch, self.concurrency = request_batch, concurrency
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        api_key = api_key or read_api_key(env=api_key_env)
+        self.headers = bearer_header(api_key)
         if weight_push and weight_pusher is None:  # from a config: see make_weight_pusher
             from torch_bridge.weight_push import make_weight_pusher
             if not model_dir:
                 raise ValueError("model_dir: the served model directory is needed with weight_push "
                                  "(every push is checked against its parameter names and shapes)")
-            weight_pusher = make_weight_pusher(weight_push, self.servers, model_dir)
+            weight_pusher = make_weight_pusher(weight_push, self.servers, model_dir, api_key)
         self.weight_pusher = weight_pusher
 
     # ---- RolloutEngine ----------------------------------------------------------------------------

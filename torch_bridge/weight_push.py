@@ -35,6 +35,7 @@ from flax import nnx
 from lmdeploy.utils import FlattenedTensorBucket, init_custom_process_group, serialize_state_dict
 
 from dirl_jax.model import SDARConfig, abstract_model, hf_name, parameter_shapes, plan_shards
+from torch_bridge.auth import bearer_header
 from torch_bridge.state_dict import jax_dtype, named_tensors
 
 __all__ = [
@@ -181,12 +182,20 @@ Post = Callable[..., Response]
 
 
 def requests_post(url: str, *, json: Any = None, params: Mapping[str, Any] | None = None,
-                  data: bytes | None = None) -> requests.Response:
+                  data: bytes | None = None, api_key: str | None = None) -> requests.Response:
     """The default transport: JSON (LMDeploy requires the content type even without a body)
-    unless raw ``data`` bytes are given."""
+    unless raw ``data`` bytes are given; ``Authorization: Bearer`` with an ``api_key``."""
     content_type = "application/json" if data is None else "application/octet-stream"
     return requests.post(url, json=json, params=params, data=data,
-                         headers={"Content-Type": content_type}, timeout=HTTP_TIMEOUT_S)
+                         headers={"Content-Type": content_type, **bearer_header(api_key)},
+                         timeout=HTTP_TIMEOUT_S)
+
+
+def transport(post: Post | None, api_key: str | None) -> Post:
+    """``post``, or :func:`requests_post` sending ``api_key`` with every request."""
+    if post is not None and api_key:
+        raise ValueError("api_key: give it to the transport (post) itself, or use the default transport")
+    return post or functools.partial(requests_post, api_key=api_key)
 
 
 _SUCCESS_ENDPOINTS = ("/init_weights_update_group", "/update_weights_from_distributed")
@@ -264,13 +273,13 @@ class _LMDeployPusher(abc.ABC):
 
     def __init__(self, server_urls: Sequence[str], expected: Mapping[str, Sequence[int]], *,
                  dtype: torch.dtype, max_bucket_bytes: int, sleep_level: int | None,
-                 post: Post | None):
+                 post: Post | None, api_key: str | None = None):
         if sleep_level not in SLEEP_LEVELS:
             raise ValueError(f"sleep_level must be one of {SLEEP_LEVELS}, got {sleep_level!r}")
         if not server_urls:
             raise ValueError("server_urls: at least one server is needed")
         jax_dtype(dtype)  # raises for a dtype the bridge does not convert
-        self.servers = [_Endpoint(url, post or requests_post) for url in server_urls]
+        self.servers = [_Endpoint(url, transport(post, api_key)) for url in server_urls]
         self.expected = dict(expected)
         self.dtype = dtype
         self.max_bucket_bytes = max_bucket_bytes
@@ -328,9 +337,9 @@ class IPCWeightPusher(_LMDeployPusher):
     def __init__(self, server_url: str, expected: Mapping[str, Sequence[int]], *,
                  dtype: torch.dtype = torch.bfloat16, max_bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  sleep_level: int | None = 2, devices: Sequence[str | torch.device] = ("cuda",),
-                 post: Post | None = None):
+                 post: Post | None = None, api_key: str | None = None):
         super().__init__([server_url], expected, dtype=dtype, max_bucket_bytes=max_bucket_bytes,
-                         sleep_level=sleep_level, post=post)
+                         sleep_level=sleep_level, post=post, api_key=api_key)
         if not devices:
             raise ValueError("devices: one device per server TP rank is needed")
         self.devices = [torch.device(d) for d in devices]
@@ -381,9 +390,9 @@ class NCCLWeightPusher(_LMDeployPusher):
                  group_name: str = "dirl_weight_update", backend: str = "nccl",
                  device: str | torch.device = "cuda", timeout_s: float = 600.0,
                  dtype: torch.dtype = torch.bfloat16, max_bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 sleep_level: int | None = 2, post: Post | None = None):
+                 sleep_level: int | None = 2, post: Post | None = None, api_key: str | None = None):
         super().__init__(server_urls, expected, dtype=dtype, max_bucket_bytes=max_bucket_bytes,
-                         sleep_level=sleep_level, post=post)
+                         sleep_level=sleep_level, post=post, api_key=api_key)
         self.master_address = master_address
         self.master_port = master_port
         self.server_tp = server_tp
@@ -457,7 +466,7 @@ def _prefetched(items: Iterator[T]) -> Iterator[T]:
 
 def push_to_agents(params: nnx.State, agent_urls: Sequence[str], *,
                    dtype: torch.dtype = torch.bfloat16, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                   post: Post | None = None) -> dict[str, float]:
+                   post: Post | None = None, api_key: str | None = None) -> dict[str, float]:
     """Sends ``params`` to every :mod:`torch_bridge.agent` concurrently: the manifest
     (``/update/begin``, checked by each agent against its server), then safetensors chunks
     (``/update/chunk?finished=0|1``; the next one is built while the current one is posted).
@@ -465,7 +474,7 @@ def push_to_agents(params: nnx.State, agent_urls: Sequence[str], *,
     start = time.perf_counter()
     if not agent_urls:
         raise ValueError("agent_urls: at least one agent is needed")
-    agents = [_Endpoint(url, post or requests_post) for url in agent_urls]
+    agents = [_Endpoint(url, transport(post, api_key)) for url in agent_urls]
     specs = param_specs(params, dtype)
     segments = plan_buckets(specs, max_chunk_bytes)
     _concurrently([functools.partial(a.call, "/update/begin", json=manifest_body(specs))
@@ -499,22 +508,24 @@ class EveryServer:
         return [pusher.push(params) for pusher in self.pushers]
 
 
-def make_weight_pusher(spec: str, server_urls: Sequence[str], model_dir: str) -> Any:
+def make_weight_pusher(spec: str, server_urls: Sequence[str], model_dir: str,
+                       api_key: str | None = None) -> Any:
     """The pusher a config names: ``ipc`` (servers on this node, server ``i`` on ``cuda:i``),
     ``nccl:HOST:PORT`` (GPU trainer on another node; rendezvous at HOST:PORT) or
     ``agents:URL[,URL...]`` (receiver agents next to the servers, e.g. from a TPU pod).
     ``model_dir`` is the served model, whose parameter names and shapes every push is checked
-    against."""
+    against; every request carries ``api_key`` (servers and agents)."""
     kind, _, rest = spec.partition(":")
     if kind == "agents":
-        return AgentPusher([u.strip() for u in rest.split(",") if u.strip()])
+        return AgentPusher([u.strip() for u in rest.split(",") if u.strip()], api_key=api_key)
     expected = expected_shapes(model_dir)
     if kind == "ipc" and not rest:
-        return EveryServer([IPCWeightPusher(url, expected, devices=(f"cuda:{i}",))
+        return EveryServer([IPCWeightPusher(url, expected, devices=(f"cuda:{i}",), api_key=api_key)
                             for i, url in enumerate(server_urls)])
     if kind == "nccl" and rest.count(":") == 1:
         host, port = rest.split(":")
-        pusher = NCCLWeightPusher(server_urls, expected, master_address=host, master_port=int(port))
+        pusher = NCCLWeightPusher(server_urls, expected, master_address=host, master_port=int(port),
+                                  api_key=api_key)
         pusher.connect()
         return pusher
     raise ValueError(f"weight_push: expected 'ipc', 'nccl:HOST:PORT' or 'agents:URL[,URL...]', "
