@@ -4,19 +4,58 @@ The data streams yield the same global sequence on every host (each host takes i
 copy of the iterator state, written by process 0, restores a run on any number of hosts.
 
 Orbax writes each step to a temporary directory and commits it atomically, so a crash during
-a save leaves the previous checkpoint usable.
+a save leaves the previous checkpoint usable. Every save also records a fingerprint of the
+train state's bits (:func:`fingerprint`) in its metadata; a restore recomputes it, and a step that
+does not match, or that orbax cannot read (truncated or missing files), is reported with its path
+and the next older step is tried, never silently nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from dirl_jax.mesh import on_mesh
+
+log = logging.getLogger(__name__)
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+class CheckpointCorrupt(RuntimeError):
+    """No committed checkpoint of a run can be restored intact; the message lists each one's problem."""
+
+
+@jax.jit
+def fingerprint(tree: Any) -> list[jax.Array]:
+    """Per leaf, the wrapping uint32 sum of its raw bits: one flipped bit anywhere changes it, and
+    the sum does not depend on how the leaf is sharded."""
+    def bits_sum(x: jax.Array) -> jax.Array:
+        bits = jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize])
+        return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+    return [bits_sum(x) for x in jax.tree.leaves(tree)]
+
+
+def fingerprints(state: dict[str, Any]) -> dict[str, list[int]]:
+    """:func:`fingerprint` of each part of a train state (``params``, ``opt_state``), as ints
+    (every process holds the replicated sums)."""
+    return {key: [int(np.asarray(v.addressable_data(0))) for v in fingerprint(part)]
+            for key, part in state.items()}
+
+
+def check_fingerprints(restored: dict[str, Any], saved: dict[str, list[int]] | None, where: str) -> None:
+    """ValueError naming ``where`` when a restored part's bits differ from the saved fingerprint."""
+    bad = [key for key, value in fingerprints(restored).items()
+           if saved is not None and key in saved and saved[key] != value]
+    if bad:
+        raise ValueError(f"{where}: the restored {' and '.join(bad)} differ from the fingerprint "
+                         "saved with them (a corrupted file)")
 
 
 class Checkpointer:
@@ -31,21 +70,54 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def should_save(self, step: int) -> bool:
+        """Whether :meth:`save` at ``step`` writes a checkpoint (without ``force``)."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any], *,
              force: bool = False) -> bool:
+        """Saves when the interval (or ``force``) says so, with the state's :func:`fingerprint`."""
+        if not (force or self.should_save(step)):
+            return False
+        meta = {**meta, "fingerprint": fingerprints(state)}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data_iter=ocp.args.JsonSave(data_iterator.get_state()),
             meta=ocp.args.JsonSave(meta)), force=force)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores ``step`` into arrays shaped (and sharded) like ``abstract_state``; moves
-        ``data_iterator`` to the saved position."""
+        """Restores ``step`` into arrays shaped (and sharded) like ``abstract_state`` and checks
+        its fingerprint (ValueError naming the step's directory); then moves ``data_iterator`` to
+        the saved position."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data_iter=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        check_fingerprints(restored.state, restored.meta.get("fingerprint"), self.step_dir(step))
         data_iterator.set_state(restored.data_iter)
         return restored.state, restored.meta
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(os.fspath(self.manager.directory), str(step))
+
+    def restore_latest_intact(self, abstract_state: Any, data_iterator: Any) -> tuple[Any, int]:
+        """The newest committed step that restores intact, and its number (0: no checkpoint).
+        Each step that fails is logged with its path and problem; :class:`CheckpointCorrupt`
+        when every one fails."""
+        problems = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, _ = self.restore(step, abstract_state, data_iterator)
+            except Exception as e:  # noqa: BLE001 - reported, and the older step tried
+                problems.append(f"{self.step_dir(step)}: {type(e).__name__}: {e}")
+                log.warning("checkpoint %s cannot be restored (%s: %s); trying the previous one",
+                            self.step_dir(step), type(e).__name__, e)
+                continue
+            if problems:
+                print(f"skipped {len(problems)} unreadable checkpoint(s): " + "; ".join(problems), flush=True)
+            return state, step
+        if problems:
+            raise CheckpointCorrupt("no checkpoint can be restored: " + "; ".join(problems))
+        return None, 0
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -74,15 +146,18 @@ def restore_params(directory: str | os.PathLike, step: int, abstract_params: Any
     """Only ``params`` of checkpoint ``step`` in ``directory`` (neither the optimizer state nor
     the data-iterator position), restored into the structure and dtypes of ``abstract_params``
     (ShapeDtypeStructs, e.g. ``nnx.state(abstract_model, nnx.Param)``): sharded jax.Arrays where
-    a leaf has a sharding, host NumPy arrays where it has none."""
+    a leaf has a sharding, host NumPy arrays where it has none. Checked against the fingerprint
+    saved with them (ValueError naming the step's directory)."""
     target = {"params": abstract_params}
     manager = _reader(directory)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
+            partial_restore=True), meta=ocp.args.JsonRestore()))
     finally:
         manager.close()
+    check_fingerprints(restored.state, restored.meta.get("fingerprint"),
+                       os.path.join(os.path.abspath(os.fspath(directory)), str(step)))
     return restored.state["params"]
 
 
@@ -107,10 +182,9 @@ def start_or_resume(model: Any, tx: Any, run_dir: str, checkpoint_config: Any,
         opt_state = on_mesh(opt_state, mesh)
     checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
                                 every_steps=checkpoint_config.every_steps, keep=checkpoint_config.keep)
-    start = checkpointer.latest_step() or 0
+    state, start = checkpointer.restore_latest_intact(
+        abstract_like({"params": params, "opt_state": opt_state}), data_iterator)
     if start:
-        state, _ = checkpointer.restore(start, abstract_like({"params": params, "opt_state": opt_state}),
-                                        data_iterator)
         params, opt_state = state["params"], state["opt_state"]
-        print(f"resumed from {run_dir}/checkpoints/{start}", flush=True)
+        print(f"resumed from {checkpointer.step_dir(start)}", flush=True)
     return graphdef, params, opt_state, checkpointer, start

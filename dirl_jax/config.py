@@ -6,7 +6,7 @@ benchmarks, engines) and the decoding settings are checked by their owners, comp
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from ml_collections import ConfigDict, config_dict
 
@@ -27,6 +27,39 @@ def check(ok: bool, field: str, message: str) -> None:
     """Raises ConfigValueError naming ``config.<field>`` unless ``ok``."""
     if not ok:
         raise ConfigValueError(f"config.{field}: {message}")
+
+
+# Fields a resumed run may change freely: where it writes, how long it runs (unless the schedule
+# depends on it), logging, checkpoints, evaluation, export, the mesh, kernels, memory and the
+# rollout engine's plumbing. Every other difference from the saved config changes the math.
+RESUMABLE = ("run_dir", "train.num_steps", "train.log_every", "checkpoint", "eval", "export", "mesh",
+             "resume", "model.attention_impl", "model.remat", "rollout.engine", "rollout.engine_options",
+             "rollout.slots", "rollout.commit", "rewards.grade_timeout")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def _covered(field: str, names: Sequence[str]) -> bool:
+    return any(field == n or field.startswith(n + ".") for n in names)
+
+
+def resume_changes(saved: dict[str, Any], new: dict[str, Any], allowed: str) -> list[str]:
+    """``field: saved -> new`` for every field where the run being resumed (``saved``, its
+    ``config.json``) and the new config (``new``, as JSON) differ in a way that changes the math:
+    not :data:`RESUMABLE` (``train.num_steps`` is, unless a cosine schedule depends on it) and not
+    named (or under a section named) in ``allowed`` (comma-separated)."""
+    names = [n.strip() for n in allowed.split(",") if n.strip()]
+    before, after = _flat(saved), _flat(new)
+    free = list(RESUMABLE)
+    if after.get("train.schedule") == "cosine":
+        free.remove("train.num_steps")
+    return [f"{k}: {before.get(k, '<absent>')!r} -> {after.get(k, '<absent>')!r}"
+            for k in sorted(before.keys() | after.keys())
+            if before.get(k) != after.get(k) and not _covered(k, free) and not _covered(k, names)]
 
 
 # The decoding settings of every section that samples (DiPO's `rollout`, the built-in `eval`, a
@@ -79,6 +112,7 @@ def sft_defaults() -> ConfigDict:
         b2=0.999, adam_eps=1e-8, max_grad_norm=1.0, compute_dtype="float32",
         param_dtype="float32", log_every=10))
     config.checkpoint = ConfigDict(dict(every_steps=500, keep=2))
+    config.resume = ConfigDict(dict(allow_changes=""))  # see resume_changes
     config.eval = ConfigDict(dict(num_examples=200, batch_size=100,  # batch_size: decode slots
                                   **decoding_defaults(**BUILTIN_EVAL_DECODING)))
     config.export = ConfigDict(dict(enabled=True, dtype="bfloat16"))
@@ -165,6 +199,7 @@ def dipo_defaults() -> ConfigDict:
         logprob_chunk=1024,               # scored tokens per vocabulary chunk
         max_log_ratio=0.01))              # |log ratio| allowed between sampler and trainer at iteration 0
     config.checkpoint = ConfigDict(dict(every_steps=10, keep=2))
+    config.resume = ConfigDict(dict(allow_changes=""))  # see resume_changes
     config.eval = ConfigDict(dict(num_examples=200, every_steps=10, batch_size=100,
                                   **decoding_defaults(**BUILTIN_EVAL_DECODING)))
     config.export = ConfigDict(dict(enabled=True, dtype="bfloat16"))

@@ -1,15 +1,26 @@
 """Training metrics: one JSON object per step in ``metrics.jsonl``, TensorBoard scalars, and a
-console line with step, loss, learning rate, grad norm, tokens/s and ETA."""
+console line with step, loss, learning rate, grad norm, tokens/s and ETA.
+
+Both files are written synchronously and flushed every call, so a full disk or an I/O error
+stops the run at the step that hit it with a :class:`MetricsWriteError` naming the file (an
+asynchronous TensorBoard writer thread would die silently and block the next write forever)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
-from tensorboardX import SummaryWriter
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.summary import scalar
+
+log = logging.getLogger(__name__)
 
 
 # Printed on the console line when a row has them (SFT: masked fraction; DiPO: accuracies).
@@ -21,6 +32,39 @@ def _format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class MetricsWriteError(OSError):
+    """Writing metrics failed (full disk, I/O error): the message names the file."""
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise MetricsWriteError(e.errno, f"cannot write {path}: {e.strerror or e}; the run stops "
+                                         "here (its last checkpoint resumes it)") from e
+
+
+def kept_rows(path: str, resume_step: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` up to ``resume_step``. A torn last line (a write cut off)
+    is dropped with a warning naming the file; a malformed line before it is an error."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if number == len(lines):
+                log.warning("%s: line %d is incomplete (%s); dropped", path, number, e)
+                break
+            raise ValueError(f"{path}: line {number} is not a metrics row ({e}); expected one JSON "
+                             "object with a 'step' per line") from e
+        if step <= resume_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
 
 
 class MetricsWriter:
@@ -35,24 +79,32 @@ class MetricsWriter:
         if not enabled:
             return
         if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(self.path + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
+            kept = kept_rows(self.path, resume_step)
+            with _writing(self.path + ".tmp"):
+                with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+                    f.writelines(kept)
+                os.replace(self.path + ".tmp", self.path)
         self._file = open(self.path, "a", encoding="utf-8")
-        self._tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        tensorboard_dir = os.path.join(run_dir, "tensorboard")
+        with _writing(tensorboard_dir):
+            os.makedirs(tensorboard_dir, exist_ok=True)
+            self._events = EventsWriter(os.path.join(tensorboard_dir, "events"))
+        self._events_path = tensorboard_dir
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        """Writes per-step rows (each with a ``step``) and prints the last one."""
+        """Writes per-step rows (each with a ``step``), flushed, and prints the last one."""
         if not self.enabled or not rows:
             return
-        for row in rows:
-            self._file.write(json.dumps(row) + "\n")
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tensorboard.add_scalar(key, value, row["step"])
-        self._file.flush()
+        with _writing(self.path):
+            self._file.write("".join(json.dumps(row) + "\n" for row in rows))
+            self._file.flush()
+        with _writing(self._events_path):
+            for row in rows:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self._events.write_event(Event(wall_time=time.time(), step=row["step"],
+                                                       summary=scalar(key, value)))
+            self._events.flush()
         last = rows[-1]
         done = last["step"] - self._start_step
         elapsed = time.time() - self._start_time
@@ -64,8 +116,10 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
-            self._tensorboard.close()
+            with _writing(self.path):
+                self._file.close()
+            with _writing(self._events_path):
+                self._events.close()
 
 
 def start_run_dir(run_dir: str, config: dict[str, Any]) -> str:

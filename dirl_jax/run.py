@@ -10,6 +10,7 @@ setting means the same thing in every task.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -20,8 +21,9 @@ from ml_collections import ConfigDict
 
 from dirl_jax import mesh as mesh_lib
 from dirl_jax.attention import IMPLEMENTATIONS
+from dirl_jax.checkpoint import checkpoint_steps
 from dirl_jax.config import (ConfigValueError, check, check_dipo_fields, check_model_block_size,
-                             check_sft_fields)
+                             check_sft_fields, resume_changes)
 from dirl_jax.dipo import AGGREGATIONS
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data import sft as sft_data
@@ -33,6 +35,7 @@ from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
 from dirl_jax.model.hf_io import resolve_dtype, resolve_model_dir, run_export_dir
 from dirl_jax.rollout.engine_names import engine_spec_problem
 from dirl_jax.rollout.sampler import SamplingConfig
+from dirl_jax.run_lock import lock_run_dir
 
 BUILTIN_TOKENIZER = "builtin:toy"
 log = logging.getLogger(__name__)
@@ -174,10 +177,31 @@ def build_model(config: ConfigDict, model_config: SDARConfig, mesh: jax.sharding
 
 
 # ----------------------------------------------------------------------------- run directory
+def check_resume(config: ConfigDict) -> None:
+    """A run directory with checkpoints is resumed: refuses a config whose math differs from the
+    saved ``config.json`` (:func:`dirl_jax.config.resume_changes`), listing every difference."""
+    saved_path = os.path.join(config.run_dir, "config.json")
+    checkpoints = os.path.join(config.run_dir, "checkpoints")
+    if not (os.path.isfile(saved_path) and os.path.isdir(checkpoints) and checkpoint_steps(checkpoints)):
+        return
+    with open(saved_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    changes = resume_changes(saved, json.loads(json.dumps(config.to_dict())),
+                             config.resume.allow_changes)
+    check(not changes, "resume.allow_changes",
+          f"{config.run_dir} is resumed from its checkpoints, but this config changes what its "
+          f"saved {saved_path} computed: {'; '.join(changes)}. Use the saved values, or name the "
+          f"fields: --config.resume.allow_changes={','.join(c.split(':')[0] for c in changes)}")
+
+
 def start_run(config: ConfigDict, tokenizer) -> tuple[str, str]:
     """Creates the run directory with ``config.json`` and a copy of the tokenizer (process 0
-    writes); returns the absolute run directory and the tokenizer copy's path. Call it only
-    once everything was validated: nothing is written before."""
+    writes, after locking the directory: :mod:`dirl_jax.run_lock`); returns the absolute run
+    directory and the tokenizer copy's path. Call it only once everything was validated: nothing
+    is written before."""
+    if jax.process_index() == 0:
+        lock_run_dir(config.run_dir)
+    check_resume(config)
     run_dir = start_run_dir(config.run_dir, config.to_dict())
     tokenizer_dir = os.path.join(run_dir, "tokenizer")
     if jax.process_index() == 0 and not os.path.isdir(tokenizer_dir):

@@ -213,8 +213,25 @@ def test_refuses_to_overwrite_without_the_flag(run_dir, tmp_path, capsys):
     assert main(["--checkpoint", str(run_dir), "--out", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["keep"]
-    export_for_serving(run_dir, out, overwrite=True)
-    assert not (out / "keep").exists() and (out / "configuration_sdar.py").is_file()
+    # --overwrite replaces only a previous export: a folder of other files stays as it is
+    with pytest.raises(FileExistsError, match=re.escape(f"{out}: exists and is not a model directory "
+                                                        "written by dirl-jax (no .dirl_export)")):
+        export_for_serving(run_dir, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep"]
+    fresh = tmp_path / "fresh"
+    export_for_serving(run_dir, fresh)
+    (fresh / "model.safetensors").write_bytes(b"stale")
+    export_for_serving(run_dir, fresh, overwrite=True)
+    assert (fresh / ".dirl_export").is_file() and (fresh / "model.safetensors").stat().st_size > 5
+    modes = {p.name: p.stat().st_mode & 0o777 for p in fresh.iterdir()}
+    assert set(modes.values()) == {0o644} and fresh.stat().st_mode & 0o777 == 0o755, modes
+
+
+def test_never_overwrites_the_source(run_dir, tmp_path):
+    for out in (run_dir, run_dir.parent):
+        with pytest.raises(ExportError, match=re.escape(f"--out {out}: is or contains the source")):
+            export_for_serving(run_dir, out, overwrite=True)
+    assert (run_dir / "config.json").is_file() and (run_dir / "checkpoints").is_dir()
 
 
 @pytest.mark.parametrize("source,kwargs,error,message", [

@@ -27,7 +27,9 @@ class, loaded as remote code, to parse ``config.json`` (``sdar`` is not a transf
 Serve it with ``--trust-remote-code`` (``scripts/launch_lmdeploy.sh`` does). The weights have the
 Qwen3 layout, so transformers' ``Qwen3ForCausalLM`` also loads them.
 
-Everything is written to a temporary directory renamed into place at the end.
+Everything is written to a temporary directory renamed into place at the end, its files
+world-readable. ``--overwrite`` replaces only a previous export (it carries the marker file
+``.dirl_export``) and never a directory that is or contains the source.
 """
 
 from __future__ import annotations
@@ -225,6 +227,10 @@ def export_for_serving(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (pass --overwrite to replace it)")
     resolved = resolve_source(source, step)
+    origin = os.path.realpath(resolved.run_dir or resolved.hf_dir)
+    if os.path.commonpath([origin, os.path.realpath(out_dir)]) == os.path.realpath(out_dir):
+        raise ExportError(f"--out {out_dir}: is or contains the source {origin}; replacing it would "
+                          "delete what is being exported: choose a directory outside it")
     tokenizer_dir = os.fspath(tokenizer) if tokenizer is not None else source_tokenizer_dir(resolved)
     _check_tokenizer_dir(tokenizer_dir)
     model, model_config = load_source_model(resolved, dtype)

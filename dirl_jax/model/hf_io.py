@@ -217,18 +217,34 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
     return shards
 
 
+EXPORT_MARKER = ".dirl_export"  # in every model directory save_model / the export write
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool) -> Iterator[str]:
-    """Yields a temporary directory beside ``out_dir`` that becomes ``out_dir`` on success."""
+    """Yields a temporary directory beside ``out_dir`` that becomes ``out_dir`` on success, its
+    files world-readable (0644, like the directory) and marked as written here
+    (:data:`EXPORT_MARKER`). ``overwrite`` replaces only a directory that carries that marker: a
+    previous export, never a folder of other files."""
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    if os.path.exists(out_dir):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+        if not os.path.isfile(os.path.join(out_dir, EXPORT_MARKER)):
+            raise FileExistsError(f"{out_dir}: exists and is not a model directory written by dirl-jax "
+                                  f"(no {EXPORT_MARKER}); refusing to replace it: move it away or "
+                                  "choose another output directory")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the export from a server run as another user
     try:
+        with open(os.path.join(tmp, EXPORT_MARKER), "w", encoding="utf-8") as f:
+            f.write("written by dirl-jax: `overwrite` may replace this directory\n")
         yield tmp
+        for name in os.listdir(tmp):  # safetensors writes 0600, copies keep read-only modes
+            if os.path.isfile(os.path.join(tmp, name)):
+                os.chmod(os.path.join(tmp, name), 0o644)
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rename(out_dir, os.path.join(old, "replaced"))

@@ -35,6 +35,7 @@ from dirl_jax.optim import make_optimizer
 from dirl_jax.rewards import REWARDS, Response, grade, weighted_rewards
 from dirl_jax.rollout.engine import RolloutEngine, make_engine
 from dirl_jax.rollout.sampler import SamplingConfig
+from dirl_jax.run_lock import unlock_run_dir
 from dirl_jax.trainers.steps import Updater
 
 log = logging.getLogger(__name__)
@@ -274,16 +275,17 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
             row["weight_sync_s"] = time.time() - start_time
         else:
             row.update(loss=0.0, lr=0.0, grad_norm=0.0, skipped=1)
-        checkpointer.save(step + 1, {"params": params, "opt_state": opt_state}, stream,
-                          {"step": step + 1, "seed": config.seed}, force=step + 1 == t.num_steps)
         if (step + 1) % config.eval.every_steps == 0 or step + 1 == t.num_steps:
             result = evaluate()
             row.update(eval_metrics(result))
-        writer.write([row])
+        writer.write([row])  # before the checkpoint of its step: a resume never loses a row
+        checkpointer.save(step + 1, {"params": params, "opt_state": opt_state}, stream,
+                          {"step": step + 1, "seed": config.seed}, force=step + 1 == t.num_steps)
     checkpointer.wait()
     checkpointer.close()
     writer.close()
     if result and jax.process_index() == 0:
         write_json_atomic(os.path.join(run_dir, "eval.json"), result)
     run.export(config, nnx.merge(graphdef, params), model_config, run_dir, tokenizer_dir)
+    unlock_run_dir(run_dir)
     return result

@@ -19,6 +19,7 @@ from dirl_jax.data import sft as sft_data
 from dirl_jax.evaluation.builtin import builtin_eval_runs, evaluate_builtin
 from dirl_jax.metrics import write_json_atomic
 from dirl_jax.optim import make_optimizer
+from dirl_jax.run_lock import unlock_run_dir
 from dirl_jax.trainers.steps import make_train_step
 
 
@@ -71,15 +72,17 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
             params, opt_state, metrics = train_step(params, opt_state, batch,
                                                     step_key(base_key, step), step)
         pending.append((step + 1, metrics, real_tokens))
-        checkpointer.save(step + 1, {"params": params, "opt_state": opt_state}, data_iter,
-                          {"step": step + 1, "seed": config.seed}, force=step + 1 == train.num_steps)
-        if (step + 1) % train.log_every == 0 or step + 1 == train.num_steps:
+        last = step + 1 == train.num_steps
+        # rows reach metrics.jsonl before the checkpoint of their step: a resume never loses one
+        if (step + 1) % train.log_every == 0 or last or checkpointer.should_save(step + 1):
             fetched = jax.device_get([m for _, m, _ in pending])
             elapsed = (time.time() - last_time) / len(pending)
             writer.write([{"step": s, **{k: float(v) for k, v in m.items()},
                            "tokens_per_s": n / elapsed}
                           for (s, _, n), m in zip(pending, fetched)])
             pending, last_time = [], time.time()
+        checkpointer.save(step + 1, {"params": params, "opt_state": opt_state}, data_iter,
+                          {"step": step + 1, "seed": config.seed}, force=last)
     checkpointer.wait()
     checkpointer.close()
     writer.close()
@@ -92,4 +95,5 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
         if jax.process_index() == 0:
             write_json_atomic(os.path.join(run_dir, "eval.json"), result)
     run.export(config, model, model_config, run_dir, tokenizer_dir)
+    unlock_run_dir(run_dir)
     return result
