@@ -1,9 +1,12 @@
 """What the ``python -m dirl_jax.train`` / ``dirl_jax.evaluate`` command lines share: the
 ``--config`` flag (a ``configs/*.py`` file with ``--config.a.b=value`` overrides) and the
-multi-host flags, defined when the command starts (never on import), then the task."""
+multi-host flags, defined when the command starts (never on import), then the task. A problem
+the user can fix (a config field, a data file, a checkpoint, a locked run directory, a full disk)
+ends the command with one line, ``error: <what and where>``, and exit status 1."""
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 from absl import app, flags
@@ -11,6 +14,19 @@ from absl import logging as absl_logging
 from ml_collections import ConfigDict, config_flags
 
 from dirl_jax import distributed
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions whose message alone tells the user what to fix (each names its field,
+    file or path)."""
+    from dirl_jax.checkpoint import CheckpointCorrupt
+    from dirl_jax.config import ConfigValueError
+    from dirl_jax.data.records import DataError
+    from dirl_jax.metrics import MetricsWriteError
+    from dirl_jax.model import CheckpointError, ConfigError
+    from dirl_jax.run_lock import RunDirLocked
+    return (ConfigValueError, DataError, ConfigError, CheckpointError, CheckpointCorrupt, RunDirLocked,
+            MetricsWriteError)
 
 
 def run_config_command(task: Callable[[ConfigDict], object], config_help: str) -> None:
@@ -25,6 +41,10 @@ def run_config_command(task: Callable[[ConfigDict], object], config_help: str) -
             raise app.UsageError(f"--config is required: {config_help}")
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
         distributed.initialize_from_flags()  # multi-host: before any JAX computation
-        task(flags.FLAGS.config)
+        try:
+            task(flags.FLAGS.config)
+        except user_errors() as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
 
     app.run(main)

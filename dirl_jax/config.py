@@ -34,7 +34,7 @@ def check(ok: bool, field: str, message: str) -> None:
 # rollout engine's plumbing. Every other difference from the saved config changes the math.
 RESUMABLE = ("run_dir", "train.num_steps", "train.log_every", "checkpoint", "eval", "export", "mesh",
              "resume", "model.attention_impl", "model.remat", "rollout.engine", "rollout.engine_options",
-             "rollout.slots", "rollout.commit", "rewards.grade_timeout")
+             "rollout.slots", "rollout.commit", "rewards.grade_timeout", "rewards.grade_workers")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -119,6 +119,17 @@ def sft_defaults() -> ConfigDict:
     return config
 
 
+def check_optimizer_fields(t: ConfigDict) -> None:
+    """The ranges of ``train``'s optimizer and logging fields (SFT and DiPO alike)."""
+    ranges = [("learning_rate", t.learning_rate > 0, "> 0"), ("adam_eps", t.adam_eps > 0, "> 0"),
+              ("max_grad_norm", t.max_grad_norm > 0, "> 0"), ("weight_decay", t.weight_decay >= 0, ">= 0"),
+              ("b1", 0 <= t.b1 < 1, "in [0, 1)"), ("b2", 0 <= t.b2 < 1, "in [0, 1)"),
+              ("min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1]"), ("log_every", t.log_every > 0, "> 0"),
+              ("warmup_steps", t.warmup_steps >= 0, ">= 0")]
+    for name, ok, expected in ranges:
+        check(ok, f"train.{name}", f"must be {expected}, got {t[name]!r}")
+
+
 def check_sft_fields(config: ConfigDict) -> None:
     """Raises ConfigValueError naming the first inconsistent field of an SFT config (the
     generic checks; :func:`dirl_jax.run.validate_sft` adds the owners')."""
@@ -126,16 +137,21 @@ def check_sft_fields(config: ConfigDict) -> None:
     check(config.task == "sft", "task", f"must be 'sft', got {config.task!r}")
     check(bool(config.run_dir), "run_dir", "must be set")
     check(t.num_steps > 0, "train.num_steps", f"must be positive, got {t.num_steps}")
+    check(t.global_batch > 0, "train.global_batch", f"must be positive, got {t.global_batch}")
     check(t.grad_accum > 0, "train.grad_accum", f"must be positive, got {t.grad_accum}")
+    check_optimizer_fields(t)
     check(t.global_batch % t.grad_accum == 0, "train.global_batch",
           f"({t.global_batch}) must be divisible by train.grad_accum ({t.grad_accum})")
     check(t.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
-    check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     for field in ("compute_dtype", "param_dtype"):
         check(t[field] in DTYPES, f"train.{field}", f"must be one of {DTYPES}, got {t[field]!r}")
     check(config.data.overlong in ("drop", "truncate"), "data.overlong",
           f"must be 'drop' or 'truncate', got {config.data.overlong!r}")
     block = config.diffusion.block_size
+    check(block > 0, "diffusion.block_size", f"must be positive, got {block}")
+    check(0 < config.diffusion.eps < 1, "diffusion.eps", f"must be in (0, 1), got {config.diffusion.eps}")
+    check(config.diffusion.loss_chunk > 0, "diffusion.loss_chunk", "must be positive")
+    check(config.data.max_length > 0, "data.max_length", f"must be positive, got {config.data.max_length}")
     check(config.data.max_length % block == 0, "data.max_length",
           f"({config.data.max_length}) must be a multiple of diffusion.block_size ({block})")
     if not config.init_from:
@@ -185,7 +201,8 @@ def dipo_defaults() -> ConfigDict:
                                           # (sent as Authorization: Bearer; never in a config);
                                           # "" = the engine's default, $DIRL_API_KEY
     config.rewards = ConfigDict(dict(names=("accuracy",), weights=(), grade_timeout=10.0,
-                                     latex_fallback=True))  # the original's sympy fallback (rewards.grade)
+                                     latex_fallback=True,  # the original's sympy fallback (rewards.grade)
+                                     grade_workers=4))     # grading processes at once, each call timed out
     config.train = ConfigDict(dict(
         num_steps=50, learning_rate=1e-5, warmup_steps=0, schedule="constant", min_lr_ratio=1.0,
         weight_decay=0.0, decay_norms=False, b1=0.9, b2=0.999, adam_eps=1e-8, max_grad_norm=1.0,
@@ -214,6 +231,9 @@ def check_dipo_fields(config: ConfigDict) -> None:
     check(bool(config.run_dir), "run_dir", "must be set")
     check(bool(config.init_from), "init_from", "must name an SFT run directory or a HF checkpoint")
     check(t.num_steps > 0, "train.num_steps", f"must be positive, got {t.num_steps}")
+    check_optimizer_fields(t)
+    check(config.rewards.grade_workers >= 1, "rewards.grade_workers",
+          f"must be >= 1, got {config.rewards.grade_workers}")
     check(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be positive")
     check(r.oversample >= 0, "rollout.oversample", f"must be >= 0 (0 = automatic), got {r.oversample}")
     check(r.max_prompt_tokens >= 0, "rollout.max_prompt_tokens", "must be >= 0")

@@ -46,6 +46,30 @@ def test_two_steps_then_resume(tmp_path, seed):
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
 
 
+def test_resume_is_bit_exact(tmp_path, seed):
+    """Three steps straight, or two then a resume to three: the same rows
+    (every number but timings) and bit-identical final weights."""
+    from safetensors.numpy import load_file
+    runs = {}
+    for name in ("straight", "resumed"):
+        config = tiny_run_config(tmp_path / name, seed)
+        config.export.update(enabled=True, dtype="float32")
+        config.eval.every_steps = 2
+        config.train.num_steps = 3 if name == "straight" else 2
+        run_dipo(config)
+        if name == "resumed":
+            config.train.num_steps = 3
+            run_dipo(config)
+        lines = (tmp_path / name / "dipo" / "metrics.jsonl").read_text().splitlines()
+        runs[name] = ([{k: v for k, v in json.loads(line).items() if not k.endswith(("_s", "tokens_per_s"))}
+                       for line in lines], load_file(tmp_path / name / "dipo" / "export" / "model.safetensors"))
+    (rows_a, weights_a), (rows_b, weights_b) = runs["straight"], runs["resumed"]
+    assert [r["step"] for r in rows_a] == [0, 1, 2, 3] and rows_a == rows_b
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert (weights_a[name] == weights_b[name]).all(), name
+
+
 def test_reference_kl_trainer_old_logprobs_micro_batches_and_ppo_iterations(tmp_path, seed,
                                                                             monkeypatch):
     from dirl_jax.rewards import registry

@@ -74,8 +74,8 @@ def setup(kinds: list[str], *, prompts_per_step: int, oversample: int, rounds: i
 
 @pytest.fixture(autouse=True)
 def scripted_grader(monkeypatch):
-    monkeypatch.setattr(dipo_train, "grade",
-                        lambda text, gold, **_: extract_last_boxed(text) == gold)
+    monkeypatch.setattr(dipo_train, "grade_all",
+                        lambda pairs, **_: [extract_last_boxed(text) == gold for text, gold in pairs])
 
 
 def kept_kinds(groups, prompts, kinds) -> list[str]:

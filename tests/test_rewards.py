@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from dirl_jax.rewards import REWARDS, Response, extract_last_boxed, grade, weighted_rewards
+from dirl_jax.rewards import REWARDS, Response, extract_last_boxed, grade, grade_all, weighted_rewards
 from dirl_jax.rewards.grading import run_with_timeout
 
 
@@ -41,6 +41,36 @@ def test_a_call_past_the_timeout_counts_as_wrong_and_the_pool_recovers():
     assert run_with_timeout(time.sleep, 30, timeout=0.5) == (False, None)
     assert time.perf_counter() - start < 10
     assert grade(r"\boxed{\frac{6}{3}}", "2")  # a fresh worker after the killed one
+
+
+GRADE_CASES = [(r"The answer is \boxed{\frac{1}{2}}", "0.5", True), (r"\boxed{x^2+2x+1}", "(x+1)^2", True),
+               (r"\boxed{3}", "4", False), ("4 without a box", "4", False), (r"\boxed{ 7 }", "7", True),
+               (r"\boxed{\sqrt{4}}", "2", True), (r"\boxed{\frac{6}{3}}", "3", False)]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_grade_all_equals_grade_one_by_one(workers):
+    pairs = [(text, gold) for text, gold, _ in GRADE_CASES]
+    assert grade_all(pairs, workers=workers) == [grade(t, g) for t, g in pairs] == [c for *_, c in GRADE_CASES]
+    with pytest.raises(ValueError, match="workers: must be >= 1, got 0"):
+        grade_all(pairs, workers=0)
+
+
+def test_grade_all_times_out_each_call_on_its_own_worker(monkeypatch):
+    """Three calls that never finish, three workers, a 2 s timeout: about 2 s in all (one worker
+    would take 6 s), each counted wrong, and the workers recover for the next batch."""
+    from dirl_jax.rewards import grading
+    grade_all([(r"\boxed{\frac{1}{2}}", "0.5")] * 3, workers=3)  # start and warm up the workers
+    monkeypatch.setattr(grading, "answers_match", slow_match)
+    start = time.perf_counter()
+    assert grade_all([(r"\boxed{x}", "y")] * 3, timeout=2.0, workers=3) == [False] * 3
+    assert time.perf_counter() - start < 5.0
+    monkeypatch.undo()
+    assert grade_all([(r"\boxed{\frac{6}{3}}", "2")] * 3, workers=3) == [True] * 3
+
+
+def slow_match(*args):
+    time.sleep(60)
 
 
 def response(text="", correct=True, num_tokens=10, max_tokens=100, truncated=False) -> Response:

@@ -132,6 +132,8 @@ GOOD = json.dumps({"messages": [{"role": "user", "content": "1+1?"},
 @pytest.mark.parametrize("lines,error,message", [
     (None, FileNotFoundError, "dataset file not found"),
     ([GOOD, "{oops", GOOD], DataError, r"data\.jsonl:2: malformed JSON line"),
+    ([GOOD, '{"mess\udcffages": 1}', GOOD], DataError,
+     r"data\.jsonl:2: not UTF-8 text \(byte 0xff at column 7\); expected UTF-8 JSON"),
     ([json.dumps({"messages": [{"role": "robot", "content": "hi"}]})], DataError,
      r"record 0: messages\[0\] has unknown role 'robot'"),
     ([json.dumps({"messages": [{"role": "user", "content": "x" * 200},
@@ -141,7 +143,7 @@ GOOD = json.dumps({"messages": [{"role": "user", "content": "1+1?"},
 def test_bad_inputs_fail_before_the_run_directory_is_made(tmp_path, lines, error, message):
     source = tmp_path / "data.jsonl"
     if lines is not None:
-        write_lines(source, lines)
+        source.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
     config = tiny_run_config(tmp_path / "run")
     config.data.source = str(source)
     with pytest.raises(error, match=message):
@@ -156,6 +158,18 @@ def test_truncate_keeps_overlong_examples():
                                                 overlong="truncate")
     assert stats.truncated == 1 and len(examples[0]["tokens"]) == 64
     assert stats.dropped == 0
+
+
+def test_a_truncation_that_leaves_nothing_supervised_is_counted_and_reported(caplog):
+    tokenizer = toy.toy_tokenizer()
+    long_question = {"messages": [{"role": "user", "content": "q" * 100}, {"role": "assistant", "content": "a"}]}
+    short = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    with caplog.at_level("WARNING"):
+        examples, stats = sft_data.prepare_examples([long_question, short], tokenizer, block_size=4,
+                                                    max_length=64, overlong="truncate", source="d.jsonl")
+    assert (stats.total, stats.truncated, stats.unsupervised, len(examples)) == (2, 1, 1, 1)
+    assert ("d.jsonl: of 2 records, 0 longer than data.max_length=64 were dropped and 1 truncated; "
+            "1 without a supervised token (left) were discarded") in caplog.text
 
 
 def test_record_encoding_labels_and_block_padding():
@@ -194,6 +208,19 @@ def test_packed_rows_have_segments_positions_and_padding():
     ("model.block_size", 8, r"model.block_size: \(8\) must equal diffusion.block_size \(4\)"),
     ("train.schedule", "linear", "train.schedule: must be one of"),
     ("data.overlong", "keep", "data.overlong"),
+    ("train.global_batch", 0, r"train.global_batch: must be positive, got 0"),
+    ("diffusion.block_size", 0, r"diffusion.block_size: must be positive, got 0"),
+    ("diffusion.eps", 1.0, r"diffusion.eps: must be in \(0, 1\), got 1.0"),
+    ("data.max_length", 0, r"data.max_length: must be positive, got 0"),
+    ("train.learning_rate", 0.0, r"train.learning_rate: must be > 0, got 0.0"),
+    ("train.learning_rate", -1e-3, r"train.learning_rate: must be > 0, got -0.001"),
+    ("train.adam_eps", 0.0, r"train.adam_eps: must be > 0"),
+    ("train.max_grad_norm", -1.0, r"train.max_grad_norm: must be > 0"),
+    ("train.weight_decay", -0.1, r"train.weight_decay: must be >= 0"),
+    ("train.b2", 1.0, r"train.b2: must be in \[0, 1\), got 1.0"),
+    ("train.min_lr_ratio", 1.5, r"train.min_lr_ratio: must be in \[0, 1\]"),
+    ("train.log_every", 0, r"train.log_every: must be > 0"),
+    ("train.warmup_steps", -1, r"train.warmup_steps: must be >= 0"),
 ])
 def test_inconsistent_configs_are_rejected(tmp_path, field, value, message):
     config = tiny_run_config(tmp_path)
@@ -203,6 +230,22 @@ def test_inconsistent_configs_are_rejected(tmp_path, field, value, message):
     config[section][name] = value
     with pytest.raises(ConfigValueError, match=message):
         validate(config)
+
+
+def test_cli_reports_a_bad_value_in_one_line(tmp_path):
+    done = run_cli("--config", "configs/sft_tiny.py", f"--config.run_dir={tmp_path / 'run'}",
+                   "--config.train.learning_rate=-0.001")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: config.train.learning_rate: must be > 0, got -0.001"
+    assert not (tmp_path / "run").exists()
+
+
+def test_range_edges_that_are_valid_pass(tmp_path):
+    config = tiny_run_config(tmp_path)
+    config.train.update(b1=0.0, weight_decay=0.0, min_lr_ratio=1.0, warmup_steps=0)
+    validate(config)
+    config.train.min_lr_ratio = 0.0
+    validate(config)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -12,10 +12,22 @@ class DataError(ValueError):
     """A dataset file or record is malformed."""
 
 
+def _decode(raw: bytes, source: str, first_line: int = 1) -> str:
+    """``raw`` as UTF-8, or a DataError naming the file, line and byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw[:e.start].count(b"\n")
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{source}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {column}); "
+                        "expected UTF-8 JSON") from None
+
+
 def _json_lines(source: str) -> list[Any]:
     records = []
-    with open(source, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(source, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            line = _decode(raw, source, line_number)
             if not line.strip():
                 continue
             try:
@@ -31,8 +43,8 @@ def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
         if not os.path.isfile(source):
             raise FileNotFoundError(f"{source}: dataset file not found")
         if source.endswith(".json"):
-            with open(source, encoding="utf-8") as f:
-                text = f.read()
+            with open(source, "rb") as f:
+                text = _decode(f.read(), source)
             try:
                 records = json.loads(text)
             except json.JSONDecodeError as e:

@@ -80,8 +80,9 @@ def encode_record(record: Any, tokenizer: PreTrainedTokenizerBase, block_size: i
 @dataclasses.dataclass
 class PrepareStats:
     total: int = 0
-    dropped: int = 0
-    truncated: int = 0
+    dropped: int = 0        # longer than max_length, overlong="drop"
+    truncated: int = 0      # cut to max_length, overlong="truncate"
+    unsupervised: int = 0   # no supervised token (left): discarded
 
 
 def prepare_examples(records: Iterable[Any], tokenizer: PreTrainedTokenizerBase, *,
@@ -105,11 +106,16 @@ def prepare_examples(records: Iterable[Any], tokenizer: PreTrainedTokenizerBase,
             tokens, labels = tokens[:max_length], labels[:max_length]
         if (labels != IGNORE).any():
             examples.append({"tokens": tokens, "labels": labels})
-    log.info("%s: %d records, %d dropped and %d truncated at max_length %d", source, stats.total,
-             stats.dropped, stats.truncated, max_length)
+        else:
+            stats.unsupervised += 1
+    if stats.dropped or stats.truncated or stats.unsupervised:
+        log.warning("%s: of %d records, %d longer than data.max_length=%d were dropped and %d "
+                    "truncated; %d without a supervised token (left) were discarded", source,
+                    stats.total, stats.dropped, max_length, stats.truncated, stats.unsupervised)
     if not examples:
         raise DataError(f"{source}: no examples left after filtering ({stats.total} records, "
-                        f"{stats.dropped} longer than data.max_length={max_length} dropped)")
+                        f"{stats.dropped} longer than data.max_length={max_length} dropped, "
+                        f"{stats.unsupervised} without a supervised token)")
     return examples, stats
 
 

@@ -23,7 +23,8 @@ Deliberate differences from the original:
   (both checks compare them exactly; tested against the full check);
 * every call runs in a worker process with one hard timeout covering math-verify *and* the
   fallback (math-verify's own ``timeout_seconds`` gets the same budget); past it, or if the
-  worker dies, the answer counts as wrong and the worker is replaced. The original gives
+  worker dies, the answer counts as wrong and the worker is replaced. :func:`grade_all` grades a
+  batch on several workers at once, each call under its own timeout. The original gives
   ``verify`` a 30 s signal-based timeout and the fallback none: on ``9^{9^{9^{9}}}`` it gave no
   verdict within 60 s;
 * an unusable sympy LaTeX parser (wrong ANTLR version) raises ImportError instead of silently
@@ -44,7 +45,9 @@ import concurrent.futures
 import logging
 import math
 import multiprocessing
+import queue
 import re
+from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
@@ -57,7 +60,6 @@ STARTUP_TIMEOUT_S = 300.0  # starting a worker and loading the graders (not char
 WORKER_PRELOAD = ("dirl_jax.rewards.grading", "dirl_jax.rewards.latex_equal", "math_verify",
                   "sympy.parsing.latex._parse_latex_antlr", "sympy.parsing.latex._antlr.latexparser",
                   "sympy.parsing.latex._antlr.latexlexer")
-_pool: concurrent.futures.ProcessPoolExecutor | None = None
 
 
 def boxed_gold(gold: str) -> str:
@@ -111,46 +113,113 @@ def _start_pool() -> concurrent.futures.ProcessPoolExecutor:
     return pool
 
 
+class _Lane:
+    """One grading worker process that runs one call at a time, each under its own timeout; a
+    call past it (or one that kills the worker) loses the worker, and the next call starts a
+    fresh one."""
+
+    def __init__(self) -> None:
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float) -> tuple[bool, Any]:
+        if self.pool is None:
+            self.pool = _start_pool()
+        future = self.pool.submit(fn, *args)
+        try:
+            return True, future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            logging.warning("grading call %s%.200r exceeded %.1f s; counted as wrong", fn.__name__, args,
+                            timeout)
+        except BrokenProcessPool:
+            logging.warning("grading call %s%.200r killed its worker; counted as wrong", fn.__name__, args)
+        for process in list(getattr(self.pool, "_processes", {}).values()):
+            process.kill()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = None
+        return False, None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_lanes: list[_Lane] = []  # _lanes[0] serves run_with_timeout; grade_all uses as many as it needs
+
+
+def _lane_pool(count: int) -> list[_Lane]:
+    while len(_lanes) < count:
+        _lanes.append(_Lane())
+    return _lanes[:count]
+
+
 @atexit.register
-def _shutdown_pool() -> None:
-    """Stops the worker before the interpreter tears down the modules it needs."""
-    if _pool is not None:
-        _pool.shutdown(wait=True, cancel_futures=True)
+def _shutdown_lanes() -> None:
+    """Stops the workers before the interpreter tears down the modules they need."""
+    for lane in _lanes:
+        lane.close()
 
 
 def run_with_timeout(fn: Callable[..., Any], *args: Any, timeout: float) -> tuple[bool, Any]:
-    """``(finished, result)`` of ``fn(*args)`` in the worker pool. A timeout, or a worker that
-    dies (e.g. a C stack overflow), gives ``(False, None)`` and a fresh pool next time."""
-    global _pool
-    if _pool is None:
-        _pool = _start_pool()
-    future = _pool.submit(fn, *args)
-    try:
-        return True, future.result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
-        logging.warning("grading call %s%.200r exceeded %.1f s; counted as wrong", fn.__name__, args,
-                        timeout)
-    except BrokenProcessPool:
-        logging.warning("grading call %s%.200r killed its worker; counted as wrong", fn.__name__, args)
-    for process in list(getattr(_pool, "_processes", {}).values()):
-        process.kill()
-    _pool.shutdown(wait=False, cancel_futures=True)
-    _pool = None
-    return False, None
+    """``(finished, result)`` of ``fn(*args)`` in a grading worker. A timeout, or a worker that
+    dies (e.g. a C stack overflow), gives ``(False, None)`` and a fresh worker next time."""
+    return _lane_pool(1)[0].run(fn, *args, timeout=timeout)
 
 
 def grade(response_text: str, gold_answer: str, *, timeout: float = DEFAULT_TIMEOUT_S,
           latex_fallback: bool = True) -> bool:
     """Whether the last ``\\boxed{}`` of ``response_text`` equals ``gold_answer``: math-verify OR
     (with ``latex_fallback``) the original's LaTeX equality, ``False`` past ``timeout`` seconds."""
-    predicted = extract_last_boxed(response_text)
-    if predicted is None:
-        return False
-    if predicted.strip() == gold_answer.strip():
-        return True
-    if PLAIN_INTEGER.fullmatch(predicted.strip()) and PLAIN_INTEGER.fullmatch(gold_answer.strip()):
-        # both checks compare such integers by value (exactly, below 16 digits): no worker needed
-        return int(predicted) == int(gold_answer)
+    verdict, predicted = _quick_verdict(response_text, gold_answer)
+    if verdict is not None:
+        return verdict
     finished, result = run_with_timeout(answers_match, gold_answer, predicted, latex_fallback,
                                         max(1, math.ceil(timeout)), timeout=timeout)
     return finished and bool(result)
+
+
+def _quick_verdict(response_text: str, gold_answer: str) -> tuple[bool | None, str | None]:
+    """``(verdict, None)`` when no worker is needed, else ``(None, the predicted answer)``."""
+    predicted = extract_last_boxed(response_text)
+    if predicted is None:
+        return False, None
+    if predicted.strip() == gold_answer.strip():
+        return True, None
+    if PLAIN_INTEGER.fullmatch(predicted.strip()) and PLAIN_INTEGER.fullmatch(gold_answer.strip()):
+        # both checks compare such integers by value (exactly, below 16 digits): no worker needed
+        return int(predicted) == int(gold_answer), None
+    return None, predicted
+
+
+def grade_all(pairs: Sequence[tuple[str, str]], *, timeout: float = DEFAULT_TIMEOUT_S,
+              latex_fallback: bool = True, workers: int = 4) -> list[bool]:
+    """:func:`grade` of every ``(response_text, gold_answer)`` pair, on up to ``workers`` worker
+    processes at once, each call under its own ``timeout`` (so pathological answers cost about
+    ``timeout`` per ``workers`` of them, not each)."""
+    if workers < 1:
+        raise ValueError(f"workers: must be >= 1, got {workers}")
+    verdicts: list[bool | None] = []
+    work = []
+    for i, (text, gold) in enumerate(pairs):
+        verdict, predicted = _quick_verdict(text, gold)
+        verdicts.append(verdict)
+        if verdict is None:
+            work.append((i, gold, predicted))
+    if not work:
+        return [bool(v) for v in verdicts]
+    free: queue.Queue[_Lane] = queue.Queue()
+    for lane in _lane_pool(min(workers, len(work))):
+        free.put(lane)
+
+    def one(gold: str, predicted: str) -> bool:
+        lane = free.get()
+        try:
+            finished, result = lane.run(answers_match, gold, predicted, latex_fallback,
+                                        max(1, math.ceil(timeout)), timeout=timeout)
+        finally:
+            free.put(lane)
+        return finished and bool(result)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=free.qsize()) as threads:
+        for (i, _, _), verdict in zip(work, threads.map(lambda w: one(w[1], w[2]), work)):
+            verdicts[i] = verdict
+    return [bool(v) for v in verdicts]

@@ -32,7 +32,7 @@ from dirl_jax.data.tokenizer import stop_token_ids
 from dirl_jax.evaluation.builtin import builtin_eval_runs, evaluate_builtin
 from dirl_jax.metrics import write_json_atomic
 from dirl_jax.optim import make_optimizer
-from dirl_jax.rewards import REWARDS, Response, grade, weighted_rewards
+from dirl_jax.rewards import REWARDS, Response, grade_all, weighted_rewards
 from dirl_jax.rollout.engine import RolloutEngine, make_engine
 from dirl_jax.rollout.sampler import SamplingConfig
 from dirl_jax.run_lock import unlock_run_dir
@@ -72,14 +72,14 @@ def generate_and_grade(engine: RolloutEngine, prompts: list[list[int]], answers:
     times = {"rollout_s": time.time() - start}
     start = time.time()
     stop_ids = set(sampling.stop_ids)
-    graded = []
-    for i, result in zip(mine, results):
-        text = tokenizer.decode(result["token_ids"][:result["length"]])
-        graded.append(Response(
-            text=text, correct=grade(text, answers[i], timeout=config.rewards.grade_timeout,
-                                    latex_fallback=config.rewards.latex_fallback),
-            num_tokens=result["length"], max_tokens=config.rollout.max_new_tokens,
-            truncated=result["finish_reason"] == "length" and not stop_ids & set(result["token_ids"])))
+    texts = [tokenizer.decode(result["token_ids"][:result["length"]]) for result in results]
+    correct = grade_all([(text, answers[i]) for i, text in zip(mine, texts)],
+                        timeout=config.rewards.grade_timeout, latex_fallback=config.rewards.latex_fallback,
+                        workers=config.rewards.grade_workers)
+    graded = [Response(text=text, correct=ok, num_tokens=result["length"],
+                       max_tokens=config.rollout.max_new_tokens,
+                       truncated=result["finish_reason"] == "length" and not stop_ids & set(result["token_ids"]))
+              for text, ok, result in zip(texts, correct, results)]
     times["reward_s"] = time.time() - start
     merged: list[Any] = [None] * len(prompts)
     for host, part in enumerate(distributed.allgather_objects(list(zip(results, graded)))):
