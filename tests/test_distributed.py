@@ -160,10 +160,12 @@ def test_initialize_on_tpu_lets_jax_detect_the_pod(fresh, monkeypatch):
 
 
 WORKER = """
+import sys
 import jax
 from dirl_jax import distributed
 info = distributed.initialize()
-print("RESULT", info.source, info.process_id, jax.process_count(), jax.device_count(), flush=True)
+result = f"{info.source} {info.process_id} {jax.process_count()} {jax.device_count()}"
+open(sys.argv[1], "w").write(result)  # a file: the runtime's own threads share stdout/stderr
 jax.distributed.shutdown()
 """
 
@@ -175,14 +177,16 @@ def test_two_processes_join_through_slurm_variables(tmp_path):
     base.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                 SLURM_JOB_ID="1", SLURM_NTASKS="2", SLURM_STEP_NODELIST="127.0.0.1",
                 DIRL_COORDINATOR_PORT=str(port))
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER], cwd=tmp_path, text=True,
+    results = [tmp_path / f"result{i}.txt" for i in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(results[i])], cwd=tmp_path,
+                                text=True,
                                 env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": "0"},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                for i in range(2)]
     outputs = [w.communicate(timeout=120)[0] for w in workers]
     for i, (worker, out) in enumerate(zip(workers, outputs)):
         assert worker.returncode == 0, out
-        assert f"RESULT slurm {i} 2 4" in out, out
+        assert results[i].read_text() == f"slurm {i} 2 4", out
 
 
 # ----------------------------------------------------------------------------- mesh planner
