@@ -7,14 +7,20 @@ Orbax writes each step to a temporary directory and commits it atomically, so a 
 a save leaves the previous checkpoint usable. Every save also records a fingerprint of the
 train state's bits (:func:`fingerprint`) in its metadata; a restore recomputes it, and a step that
 does not match, or that orbax cannot read (truncated or missing files), is reported with its path
-and the next older step is tried, never silently nothing.
+and the next older step is tried, never silently nothing. A save that fails in orbax's
+background thread (a full disk, an I/O error) stops the run at the next step's
+:meth:`Checkpointer.save` call (or at :meth:`Checkpointer.wait`) with :class:`CheckpointWriteError`
+naming the step's directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
-from typing import Any
+import shutil
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +36,10 @@ _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 class CheckpointCorrupt(RuntimeError):
     """No committed checkpoint of a run can be restored intact; the message lists each one's problem."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, I/O error); the message names its directory."""
 
 
 @jax.jit
@@ -77,13 +87,43 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any], *,
              force: bool = False) -> bool:
         """Saves when the interval (or ``force``) says so, with the state's :func:`fingerprint`."""
+        self.check()
         if not (force or self.should_save(step)):
             return False
+        self.check_free_space(step, state)
         meta = {**meta, "fingerprint": fingerprints(state)}
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data_iter=ocp.args.JsonSave(data_iterator.get_state()),
-            meta=ocp.args.JsonSave(meta)), force=force)
+        with self._write_errors():
+            saved = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data_iter=ocp.args.JsonSave(data_iterator.get_state()),
+                meta=ocp.args.JsonSave(meta)), force=force)
+        return saved
+
+    def check_free_space(self, step: int, state: Any) -> None:
+        """:class:`CheckpointWriteError` before writing when the disk cannot hold this process's
+        share of ``state`` (a lower bound: orbax adds metadata)."""
+        directory = os.fspath(self.manager.directory)
+        needed = sum(x.nbytes for x in jax.tree.leaves(state)) // jax.process_count()
+        free = free_bytes(directory)
+        if free < needed:
+            raise CheckpointWriteError(
+                errno.ENOSPC, f"cannot write the checkpoint of step {step} under {directory}: it needs "
+                f"at least {needed / 2**20:.2f} MiB and the disk has {free / 2**20:.2f} MiB free")
+
+    def check(self) -> None:
+        """Raises :class:`CheckpointWriteError` if a background save has failed (never blocks)."""
+        with self._write_errors():
+            self.manager.check_for_errors()
+            if not self.manager.is_saving_in_progress():
+                self.manager.wait_until_finished()  # returns at once; raises the commit's error
+
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:
+            raise CheckpointWriteError(
+                f"cannot write a checkpoint under {os.fspath(self.manager.directory)}: {e}") from e
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict[str, Any]]:
         """Restores ``step`` into arrays shaped (and sharded) like ``abstract_state`` and checks
@@ -120,10 +160,21 @@ class Checkpointer:
         return None, 0
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the last save is committed (:class:`CheckpointWriteError` if it failed)."""
+        with self._write_errors():
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def free_bytes(directory: str) -> int:
+    """Bytes available to this user on the filesystem of ``directory`` (or its nearest existing
+    ancestor)."""
+    while not os.path.exists(directory):
+        directory = os.path.dirname(directory)
+    return shutil.disk_usage(directory).free
 
 
 def _reader(directory: str | os.PathLike) -> ocp.CheckpointManager:

@@ -19,13 +19,14 @@ from dirl_jax import distributed
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions whose message alone tells the user what to fix (each names its field,
     file or path)."""
-    from dirl_jax.checkpoint import CheckpointCorrupt
+    from dirl_jax.checkpoint import CheckpointCorrupt, CheckpointWriteError
     from dirl_jax.config import ConfigValueError
     from dirl_jax.data.records import DataError
     from dirl_jax.metrics import MetricsWriteError
     from dirl_jax.model import CheckpointError, ConfigError
     from dirl_jax.run_lock import RunDirLocked
-    return (ConfigValueError, DataError, ConfigError, CheckpointError, CheckpointCorrupt, RunDirLocked,
+    return (ConfigValueError, DataError, ConfigError, CheckpointError, CheckpointCorrupt,
+            CheckpointWriteError, RunDirLocked,
             MetricsWriteError)
 
 

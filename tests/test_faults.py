@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -62,6 +63,54 @@ def test_a_full_disk_under_tensorboard_stops_the_run_at_that_step(tmp_path, monk
         sft_trainer.run_sft(config)
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
     unlock_run_dir(str(tmp_path / "run"))
+
+
+FULL_DISK_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from dirl_jax import checkpoint
+from dirl_jax.checkpoint import CheckpointWriteError
+from dirl_jax.trainers import sft
+from test_train import tiny_run_config
+if sys.argv[2] == "background":  # the free-space check passes: orbax's own write fails
+    checkpoint.free_bytes = lambda directory: 1 << 60
+try:
+    sft.run_sft(tiny_run_config(sys.argv[1], num_steps=9, log_every=1))
+except CheckpointWriteError as e:
+    print("ERROR", e, flush=True)
+"""
+
+
+def can_mount_a_small_filesystem() -> bool:
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_a_small_filesystem(), reason="needs user namespaces (unshare -rm)")
+@pytest.mark.parametrize("where", ["free_space_check", "background"])
+def test_a_full_disk_under_checkpoints_stops_the_run_within_a_step(tmp_path, where):
+    """A real 128 KiB filesystem (a tmpfs in a private mount namespace) under the run: the
+    checkpoint of step 1 (~190 KB of state) cannot fit. Either the free-space check refuses it
+    before writing, or orbax's background write fails and the next step's save raises it; the run
+    stops naming the checkpoint directory and the disk's error, and never hangs."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    script = tmp_path / "run.py"
+    script.write_text(FULL_DISK_RUN.format(tests=str(pathlib.Path(__file__).parent)))
+    shell = (f"mount -t tmpfs -o size=128k tmpfs {mount} && "
+             f"{sys.executable} {script} {mount / 'run'} {where}; "
+             f"cp {mount / 'run' / 'metrics.jsonl'} {tmp_path}")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", shell], capture_output=True, text=True,
+                          timeout=300)
+    error = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    assert error, done.stdout + done.stderr[-3000:]
+    assert f"cannot write a checkpoint under {mount / 'run' / 'checkpoints'}" in error[0] or (
+        f"cannot write the checkpoint of step 1 under {mount / 'run' / 'checkpoints'}" in error[0])
+    if where == "free_space_check":
+        assert "it needs at least 0.18 MiB and the disk has" in error[0]
+        assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    else:
+        assert "No space left on device" in error[0]
+        assert len(read_metrics(tmp_path)) <= 2  # stopped at the save after the failed one
 
 
 def test_metrics_rows_survive_a_crash_between_flushes(tmp_path, monkeypatch):
