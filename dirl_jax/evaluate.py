@@ -7,6 +7,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from dirl_jax.cli import run_config_command
+from dirl_jax.config import eval_defaults
 from dirl_jax.evaluation.report import markdown_table
 from dirl_jax.evaluation.runner import run_evaluation
 
@@ -20,4 +21,4 @@ def evaluate(config: ConfigDict) -> None:
 
 
 if __name__ == "__main__":
-    run_config_command(evaluate, "configs/eval_<name>.py")
+    run_config_command(evaluate, __doc__, eval_defaults)

@@ -32,7 +32,8 @@ from dirl_jax.data.records import DataError, read_records
 from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.metrics import MetricsWriter, start_run_dir
 from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
-from dirl_jax.model.hf_io import resolve_dtype, resolve_model_dir, run_export_dir
+from dirl_jax.model.hf_io import resolve_dtype
+from dirl_jax.model.paths import resolve_model_dir
 from dirl_jax.rollout.engine_names import engine_spec_problem
 from dirl_jax.rollout.sampler import SamplingConfig
 from dirl_jax.run_lock import lock_run_dir
@@ -121,9 +122,9 @@ def rl_prompts(config: ConfigDict, tokenizer) -> tuple[list[list[int]], list[str
 
 # ----------------------------------------------------------------------------- model
 def init_model_dir(config: ConfigDict) -> str:
-    """The HF directory (or hub id) ``init_from`` stands for: a run directory means its export;
-    empty without ``init_from``."""
-    return run_export_dir(config.init_from) if config.init_from else ""
+    """The local HF directory ``init_from`` stands for (:func:`resolve_model_dir`: a run
+    directory means its export, a hub id is downloaded); empty without ``init_from``."""
+    return resolve_model_dir(config.init_from) if config.init_from else ""
 
 
 def build_tokenizer(config: ConfigDict):
@@ -137,7 +138,7 @@ def build_tokenizer(config: ConfigDict):
 def build_model_config(config: ConfigDict, tokenizer) -> SDARConfig:
     """The architecture: ``init_from``'s config.json, or ``config.model`` for a fresh model."""
     if config.init_from:
-        model_config = SDARConfig.from_pretrained(resolve_model_dir(init_model_dir(config)))
+        model_config = SDARConfig.from_pretrained(init_model_dir(config))
         if "diffusion" in config:  # SFT trains with its own block size: it must be the model's
             check_model_block_size(config, model_config.block_size)
         return model_config

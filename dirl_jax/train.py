@@ -7,6 +7,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from dirl_jax.cli import run_config_command
+from dirl_jax.config import sft_defaults
 
 
 def train(config: ConfigDict) -> None:
@@ -20,4 +21,4 @@ def train(config: ConfigDict) -> None:
 
 
 if __name__ == "__main__":
-    run_config_command(train, "configs/<name>.py")
+    run_config_command(train, __doc__, sft_defaults)

@@ -220,7 +220,7 @@ def test_public_generate_and_streaming_cli(tmp_path, seed):
     assert result == expected
 
     cli = subprocess.run([sys.executable, "-m", "dirl_jax.generate", "--model", str(tmp_path / "model"),
-                          "--prompt", "1+2=", "--raw", "--max-new-tokens", "8",
+                          "--prompt", "1+2=", "--template", "raw", "--max-new-tokens", "8",
                           "--strategy", "low_confidence_static"],
                          capture_output=True, text=True, cwd=REPO)
     assert cli.returncode == 0, cli.stderr
@@ -228,7 +228,7 @@ def test_public_generate_and_streaming_cli(tmp_path, seed):
     [again] = dirl_jax.generate(model, [tokenizer.encode("1+2=")], temperature=0.0, max_new_tokens=8,
                                 strategy="low_confidence_static",
                                 stop_ids=[config.eos_token_id, tokenizer.pad_token_id])
-    assert streamed == tokenizer.decode(again["token_ids"])
+    assert streamed == tokenizer.decode(again["token_ids"], skip_special_tokens=True)
     assert summary.startswith(f"[{len(again['token_ids'])} tokens, {again['num_steps']} steps")
 
 

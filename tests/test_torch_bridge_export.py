@@ -210,8 +210,10 @@ def test_refuses_to_overwrite_without_the_flag(run_dir, tmp_path, capsys):
     (out / "keep").write_text("x")
     with pytest.raises(FileExistsError, match=re.escape(f"{out}: already exists (pass --overwrite")):
         export_for_serving(run_dir, out)
-    assert main(["--checkpoint", str(run_dir), "--out", str(out)]) == 1
-    assert "already exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["--checkpoint", str(run_dir), "--out", str(out)])
+    assert done.value.code == 2
+    assert capsys.readouterr().err == f"error: {out}: already exists (pass --overwrite to replace it)\n"
     assert sorted(p.name for p in out.iterdir()) == ["keep"]
     # --overwrite replaces only a previous export: a folder of other files stays as it is
     with pytest.raises(FileExistsError, match=re.escape(f"{out}: exists and is not a model directory "
@@ -261,8 +263,9 @@ def test_cli_module_reports_errors(tmp_path):
     result = subprocess.run([sys.executable, "-m", "torch_bridge.export", "--checkpoint",
                              str(tmp_path / "nope"), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 1
-    assert f"export: error: {tmp_path / 'nope'}: does not exist" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {tmp_path / 'nope'}: does not exist")
+    assert len(result.stderr.splitlines()) == 1
 
 
 # ------------------------------------------------------------------------ launch script

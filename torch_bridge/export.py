@@ -46,9 +46,10 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from dirl_jax import run
+from dirl_jax.cli import debugging, one_line_errors
 from dirl_jax.checkpoint import checkpoint_steps, restore_params
 from dirl_jax.metrics import write_json_atomic
-from dirl_jax.model import (CheckpointError, ConfigError, SDARConfig, SDARForCausalLM,
+from dirl_jax.model import (SDARConfig, SDARForCausalLM,
                             abstract_model, atomic_directory, load_model, resolve_dtype,
                             resolve_model_dir, run_export_dir, save_model)
 from torch_bridge import configuration_sdar
@@ -253,17 +254,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--step", type=int, help="checkpoint step of a run (default: the latest)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the source's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command: ``error: …`` in one line and status 2 for anything the user can fix."""
     args = parse_args(argv)
-    try:
+    with one_line_errors(args.verbose or debugging([]),
+                         errors=(ExportError, FileNotFoundError, FileExistsError)):
         out = export_for_serving(args.checkpoint, args.out, dtype=args.dtype, step=args.step,
                                  tokenizer=args.tokenizer, overwrite=args.overwrite)
-    except (ExportError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 1
     print(f"exported {os.path.abspath(args.checkpoint)} to {out}")
     return 0
 

@@ -26,7 +26,8 @@ from dirl_jax.evaluation import records as records_lib
 from dirl_jax.evaluation.benchmarks import BENCHMARKS, Question, grade_answer, load_benchmark
 from dirl_jax.evaluation.report import summarize, write_report
 from dirl_jax.model import load_model
-from dirl_jax.model.hf_io import resolve_dtype, run_export_dir
+from dirl_jax.model.hf_io import resolve_dtype
+from dirl_jax.model.paths import resolve_model_dir
 from dirl_jax.rollout.engine import make_engine
 from dirl_jax.rollout.sampler import SamplingConfig
 
@@ -78,7 +79,7 @@ def run_evaluation(config: ConfigDict) -> dict[str, dict[str, Any]]:
     """Evaluates ``config.model`` on ``config.benchmarks``; writes records, summary.json / .md /
     .png to ``config.output_dir`` and returns the summary."""
     validate_eval(config)
-    path = run_export_dir(config.model)
+    path = resolve_model_dir(config.model)
     tokenizer = load_tokenizer(config.tokenizer or path)
     model, model_config = load_model(path, resolve_dtype(config.compute_dtype))
     sampling = sampling_config(config, tokenizer, model_config.block_size, model_config.mask_token_id)
@@ -90,7 +91,7 @@ def run_evaluation(config: ConfigDict) -> dict[str, dict[str, Any]]:
     template = config.prompt_template or rl_data.DEFAULT_TEMPLATE
 
     os.makedirs(config.output_dir, exist_ok=True)
-    settings = {"model": os.path.abspath(path) if os.path.exists(path) else path,
+    settings = {"model": os.path.abspath(path) if os.path.exists(config.model) else config.model,
                 "engine": config.engine, "seed": config.seed, "prompt_template": template,
                 "compute_dtype": config.compute_dtype, **eval_decoding(config),
                 "max_new_tokens": config.max_new_tokens}

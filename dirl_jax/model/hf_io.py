@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dirl_jax.model.config import SDARConfig
+from dirl_jax.model.paths import resolve_model_dir
 from dirl_jax.model.sdar import SDARForCausalLM
 from dirl_jax.sharding import DEFAULT_RULES, named_shardings
 
@@ -76,26 +77,6 @@ def parameter_shapes(model: SDARForCausalLM) -> dict[str, tuple[int, ...]]:
 
 
 # ------------------------------------------------------------------------------- loading
-def run_export_dir(path: str | os.PathLike) -> str:
-    """A training run directory stands for its HF export (``<run>/export``); anything else is
-    returned as is."""
-    path = os.fspath(path)
-    export = os.path.join(path, "export")
-    return export if os.path.isfile(os.path.join(export, "config.json")) else path
-
-
-def resolve_model_dir(path: str | os.PathLike) -> str:
-    """A local directory as is; otherwise a hub id, downloaded (config, weights, tokenizer)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
-        raise FileNotFoundError(f"{path}: not a model directory (and not a hub id 'org/name')")
-    from huggingface_hub import snapshot_download
-    return snapshot_download(path, allow_patterns=[
-        "*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.py"])
-
-
 def _weight_map(model_dir: str) -> dict[str, str]:
     """HF name -> safetensors file path."""
     index_path = os.path.join(model_dir, INDEX_FILE)

@@ -71,6 +71,7 @@ from flax import nnx, struct
 
 from dirl_jax import canvas as canvas_lib
 from dirl_jax.config import COMMIT_MODES
+from dirl_jax.model.config import SDARConfig
 from dirl_jax.model.sdar import LayerCache, SDARForCausalLM, init_cache
 from dirl_jax.rollout import unmasking
 from dirl_jax.rollout.sampler import SamplingConfig, constrain_logits, propose, response_stats
@@ -404,6 +405,7 @@ def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: Sampli
         limits = np.asarray(max_new_tokens, np.int32)
         if limits.shape != (count,) or not ((limits >= 1) & (limits <= cfg.max_new_tokens)).all():
             raise ValueError(f"max_new_tokens: need {count} limits in [1, {cfg.max_new_tokens}]")
+    check_prompts(model.config, prompts, limits, cfg.block_size)
     fused = resolve_commit(commit) == "fused"
     b = cfg.block_size
     lengths = np.array([len(p) for p in prompts], np.int32)
@@ -518,6 +520,24 @@ def _harvest_rows(state: Slots, slots: np.ndarray, n_slots: int, b: int, cfg: Sa
     return results
 
 
+def check_prompts(config: SDARConfig, prompts: Sequence[Sequence[int]], limits: np.ndarray,
+                  block_size: int) -> None:
+    """ValueError naming the first prompt with a token id outside the model's vocabulary, or
+    whose length plus its token limit, to the end of that block (the whole final block is
+    generated), exceeds the model's ``max_position_embeddings``."""
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.min() < 0 or ids.max() >= config.vocab_size:
+            raise ValueError(f"prompts[{i}]: token id {int(ids[(ids < 0) | (ids >= config.vocab_size)][0])} "
+                             f"is outside the model's vocabulary [0, {config.vocab_size})")
+        end = -(-(len(prompt) + int(limits[i])) // block_size) * block_size
+        if end > config.max_position_embeddings:
+            raise ValueError(f"prompts[{i}]: {len(prompt)} prompt tokens + max_new_tokens "
+                             f"{int(limits[i])} reach position {end} (the end of that block), "
+                             f"beyond the model's max_position_embeddings "
+                             f"{config.max_position_embeddings}")
+
+
 def generate(model: SDARForCausalLM, prompts: Sequence[Sequence[int]], *,
              block_size: int | None = None, strategy: str = "low_confidence_dynamic",
              steps: int | None = None, threshold: float = 0.9, max_new_tokens: int = 256,
@@ -530,15 +550,20 @@ def generate(model: SDARForCausalLM, prompts: Sequence[Sequence[int]], *,
              commit: str = "auto") -> list[dict]:
     """Decodes token-id prompts of any lengths; one result per prompt.
 
-    ``block_size``, ``mask_token_id`` and ``pad_token_id`` default to the model config's.
+    ``block_size`` is the model's (another value is refused); ``mask_token_id`` and
+    ``pad_token_id`` default to the model config's. Prompts are checked against the model's
+    vocabulary and ``max_position_embeddings``.
     ``temperature=0`` is greedy. Each result holds ``token_ids``, ``step_map``, ``logprobs``,
     ``length``, ``finish_reason``, ``num_steps``, ``num_forwards`` and ``tokens_per_step``
     (see :func:`decode_prompts`, also for ``row_seeds``, ``slots``, ``commit`` and ``mesh``:
     slots over its data axes, parameters over its tensor axis).
     """
     config = model.config
+    if block_size is not None and block_size != config.block_size:
+        raise ValueError(f"block_size: the model decodes blocks of {config.block_size} tokens (its "
+                         f"config.json), got {block_size}")
     cfg = SamplingConfig(
-        block_size=block_size or config.block_size,
+        block_size=config.block_size,
         mask_token_id=config.mask_token_id if mask_token_id is None else mask_token_id,
         strategy=strategy, steps=steps, threshold=threshold, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tuple(int(t) for t in stop_ids),

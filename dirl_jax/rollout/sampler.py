@@ -52,7 +52,9 @@ class SamplingConfig:
                   ("temperature", self.temperature >= 0, "must be >= 0"),
                   ("top_k", self.top_k >= 0, "must be >= 0 (0 disables)"),
                   ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-                  ("steps", self.steps is None or self.steps >= 1, "must be >= 1"),
+                  ("threshold", 0 <= self.threshold <= 1, "must be in [0, 1]"),
+                  ("steps", self.steps is None or 1 <= self.steps <= self.block_size,
+                   f"must be in [1, block_size = {self.block_size}]"),
                   ("min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens,
                    "must be in [0, max_new_tokens]")]
         for name, ok, message in checks:
