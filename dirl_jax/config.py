@@ -296,7 +296,8 @@ def eval_defaults() -> ConfigDict:
         servers="", api_key_env=""))      # variable holding their key ("" = $DIRL_API_KEY)
     config.compute_dtype = "bfloat16"
     config.attention_impl = "auto"
-    config.grade_timeout = 10.0
+    config.grade_timeout = 10.0           # seconds per answer
+    config.grade_workers = 4              # grading processes at once, each call timed out
     config.latex_fallback = True          # the original's sympy fallback next to math-verify
     return config
 
@@ -326,6 +327,8 @@ def check_eval_fields(config: ConfigDict) -> None:
     check(config.samples_per_question > 0, "samples_per_question", "must be positive")
     check(config.max_new_tokens > 0, "max_new_tokens", "must be positive")
     check(config.batch_size > 0, "batch_size", "must be positive")
+    check(config.grade_timeout > 0, "grade_timeout", f"must be > 0, got {config.grade_timeout}")
+    check(config.grade_workers >= 1, "grade_workers", f"must be >= 1, got {config.grade_workers}")
     check(config.compute_dtype in DTYPES, "compute_dtype",
           f"must be one of {DTYPES}, got {config.compute_dtype!r}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from dirl_jax.evaluation import BENCHMARKS, grade_answer
+from dirl_jax.evaluation.benchmarks import grade_answers
 from dirl_jax.evaluation.benchmarks import last_number
 from dirl_jax.rewards import extract_last_boxed, grade
 
@@ -163,3 +164,36 @@ def test_the_plain_integer_shortcut_gives_the_full_checks_verdict(predicted, gol
     process) must say the same."""
     from dirl_jax.rewards.grading import answers_match
     assert grade(f"\\boxed{{{predicted}}}", gold) is answers_match(gold, predicted)
+
+
+def test_grade_answers_on_a_pool_equals_one_by_one():
+    """The batched grader (the evaluation's) gives every item the verdict of grade_answer."""
+    items = ([("math500", r, g) for r, g, _ in CASES[:12]]
+             + [("gsm8k", "The answer is 1,234.", "1234"), ("gsm8k", "I am not sure.", "5"),
+                ("aime24", r"\boxed{033}", "33"), ("math500", "no box at all", "3")])
+    assert grade_answers(items, workers=3) == [grade_answer(*item) for item in items]
+
+
+def test_evaluation_grades_each_batch_on_grade_workers(monkeypatch):
+    from dirl_jax.evaluation import benchmarks
+    from dirl_jax.evaluation.benchmarks import Question
+    from dirl_jax.evaluation.runner import graded_records
+    from dirl_jax.config import eval_defaults
+    calls = []
+    real = benchmarks.grade_all
+    monkeypatch.setattr(benchmarks, "grade_all",
+                        lambda pairs, **kw: calls.append((len(pairs), kw)) or real(pairs, **kw))
+
+    class Chars:
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+    config = eval_defaults()
+    config.update(grade_workers=3, grade_timeout=2.5, latex_fallback=False)
+    chunk = [(Question("math500", str(i), "q", "2"), 0) for i in range(4)]
+    responses = [r"\boxed{2}", r"\boxed{3}", r"\boxed{\frac{4}{2}}", "2"]
+    results = [{"token_ids": [ord(c) for c in text] + [0, 0], "length": len(text),
+                "tokens_per_step": 1.0, "num_steps": 1, "finish_reason": "stop"} for text in responses]
+    records = graded_records(chunk, results, Chars(), config)
+    assert [r["correct"] for r in records] == [True, False, True, False]
+    assert [r["extracted"] for r in records] == ["2", "3", r"\frac{4}{2}", None]
+    assert calls == [(4, {"timeout": 2.5, "latex_fallback": False, "workers": 3})]

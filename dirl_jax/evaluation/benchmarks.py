@@ -14,10 +14,10 @@ import fractions
 import os
 import pathlib
 import re
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 from dirl_jax.data.records import DataError, read_records
-from dirl_jax.rewards import extract_last_boxed, grade
+from dirl_jax.rewards import extract_last_boxed, grade_all
 from dirl_jax.rewards.grading import DEFAULT_TIMEOUT_S
 
 Grading = Literal["math", "numeric"]
@@ -195,9 +195,28 @@ def grade_answer(benchmark: str, response: str, gold: str, *, timeout: float = D
                  latex_fallback: bool = True) -> tuple[str | None, bool]:
     """``(extracted answer, correct)``: the last ``\\boxed{}`` graded by :func:`grade`; for "numeric"
     benchmarks an unboxed response's last number, compared numerically. None if nothing found."""
-    spec = benchmark_spec(benchmark)
-    boxed = extract_last_boxed(response)
-    if boxed is None and spec.grading == "numeric":
-        number = last_number(response)
-        return number, number is not None and numbers_equal(number, gold)
-    return boxed, grade(response, gold, timeout=timeout, latex_fallback=latex_fallback)
+    [verdict] = grade_answers([(benchmark, response, gold)], timeout=timeout,
+                              latex_fallback=latex_fallback, workers=1)
+    return verdict
+
+
+def grade_answers(items: Sequence[tuple[str, str, str]], *, timeout: float = DEFAULT_TIMEOUT_S,
+                  latex_fallback: bool = True, workers: int = 4) -> list[tuple[str | None, bool]]:
+    """:func:`grade_answer` of every ``(benchmark, response, gold)``; the boxed answers are graded
+    by :func:`dirl_jax.rewards.grade_all` on up to ``workers`` processes, each call timed out."""
+    verdicts: list[tuple[str | None, bool] | None] = []
+    boxed_items = []
+    for i, (benchmark, response, gold) in enumerate(items):
+        spec = benchmark_spec(benchmark)
+        boxed = extract_last_boxed(response)
+        if boxed is None and spec.grading == "numeric":
+            number = last_number(response)
+            verdicts.append((number, number is not None and numbers_equal(number, gold)))
+        else:
+            verdicts.append(None)
+            boxed_items.append((i, boxed, response, gold))
+    graded = grade_all([(response, gold) for _, _, response, gold in boxed_items], timeout=timeout,
+                       latex_fallback=latex_fallback, workers=workers)
+    for (i, boxed, _, _), correct in zip(boxed_items, graded):
+        verdicts[i] = (boxed, correct)
+    return verdicts  # type: ignore[return-value]

@@ -23,7 +23,7 @@ from dirl_jax.config import benchmark_names, check, check_eval_fields, eval_deco
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.evaluation import records as records_lib
-from dirl_jax.evaluation.benchmarks import BENCHMARKS, Question, grade_answer, load_benchmark
+from dirl_jax.evaluation.benchmarks import BENCHMARKS, Question, grade_answers, load_benchmark
 from dirl_jax.evaluation.report import summarize, write_report
 from dirl_jax.model import load_model
 from dirl_jax.model.hf_io import resolve_dtype
@@ -113,8 +113,7 @@ def run_evaluation(config: ConfigDict) -> dict[str, dict[str, Any]]:
             prompts = [encoded[q.benchmark, q.id] for q, _ in chunk]
             results = engine.generate(prompts, sampling, seed=config.seed,
                                       row_seeds=[sample_seed(q.benchmark, q.id, s) for q, s in chunk])
-            writer.write(grade_record(q, s, result, tokenizer, config) for (q, s), result
-                         in zip(chunk, results))
+            writer.write(graded_records(chunk, results, tokenizer, config))
             progress.update(len(chunk))
     writer.close()
     if jax.process_count() > 1:
@@ -131,15 +130,17 @@ def run_evaluation(config: ConfigDict) -> dict[str, dict[str, Any]]:
     return summary
 
 
-def grade_record(question: Question, sample: int, result: dict[str, Any], tokenizer,
-                 config: ConfigDict) -> dict[str, Any]:
-    """One per-sample record: the response up to its stop token, graded."""
-    response = tokenizer.decode(result["token_ids"][:result["length"]])
-    extracted, correct = grade_answer(question.benchmark, response, question.answer,
-                                      timeout=config.grade_timeout,
-                                      latex_fallback=config.latex_fallback)
-    return {"benchmark": question.benchmark, "question_id": question.id, "sample": sample,
-            "response": response, "extracted": extracted, "gold": question.answer,
-            "correct": bool(correct), "length": result["length"],
-            "tokens_per_step": result["tokens_per_step"], "num_steps": result["num_steps"],
-            "finish_reason": result["finish_reason"]}
+def graded_records(chunk: Sequence[tuple[Question, int]], results: Sequence[dict[str, Any]],
+                   tokenizer, config: ConfigDict) -> list[dict[str, Any]]:
+    """One record per sample: the response up to its stop token, graded (on
+    ``config.grade_workers`` processes, each answer under ``config.grade_timeout``)."""
+    responses = [tokenizer.decode(r["token_ids"][:r["length"]]) for r in results]
+    verdicts = grade_answers([(q.benchmark, text, q.answer) for (q, _), text in zip(chunk, responses)],
+                             timeout=config.grade_timeout, latex_fallback=config.latex_fallback,
+                             workers=config.grade_workers)
+    return [{"benchmark": q.benchmark, "question_id": q.id, "sample": sample, "response": response,
+             "extracted": extracted, "gold": q.answer, "correct": bool(correct),
+             "length": result["length"], "tokens_per_step": result["tokens_per_step"],
+             "num_steps": result["num_steps"], "finish_reason": result["finish_reason"]}
+            for (q, sample), response, result, (extracted, correct)
+            in zip(chunk, responses, results, verdicts)]
