@@ -56,15 +56,19 @@ def test_grade_all_equals_grade_one_by_one(workers):
         grade_all(pairs, workers=0)
 
 
-def test_grade_all_times_out_each_call_on_its_own_worker(monkeypatch):
+def test_grade_all_times_out_each_call_on_its_own_worker(monkeypatch, caplog):
     """Three calls that never finish, three workers, a 2 s timeout: about 2 s in all (one worker
-    would take 6 s), each counted wrong, and the workers recover for the next batch."""
+    would take 6 s), each counted wrong (logged with its arguments cut: one is a 1 MB answer), and
+    the workers recover for the next batch."""
     from dirl_jax.rewards import grading
     grade_all([(r"\boxed{\frac{1}{2}}", "0.5")] * 3, workers=3)  # start and warm up the workers
     monkeypatch.setattr(grading, "answers_match", slow_match)
     start = time.perf_counter()
-    assert grade_all([(r"\boxed{x}", "y")] * 3, timeout=2.0, workers=3) == [False] * 3
+    pairs = [(r"\boxed{" + "x" * 1_000_000 + "}", "y")] + [(r"\boxed{x}", "y")] * 2
+    assert grade_all(pairs, timeout=2.0, workers=3) == [False] * 3
     assert time.perf_counter() - start < 5.0
+    timeouts = [r.getMessage() for r in caplog.records if "exceeded 2.0 s" in r.getMessage()]
+    assert len(timeouts) == 3 and max(map(len, timeouts)) < 400
     monkeypatch.undo()
     assert grade_all([(r"\boxed{\frac{6}{3}}", "2")] * 3, workers=3) == [True] * 3
 
