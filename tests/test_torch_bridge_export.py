@@ -259,6 +259,29 @@ def test_bad_sources_name_the_path_and_what_was_expected(run_dir, tmp_path, sour
     assert not (tmp_path / "served").exists()
 
 
+WITHOUT_LMDEPLOY = """
+import runpy, sys
+sys.modules["lmdeploy"] = None  # any `import lmdeploy...` now raises ImportError
+import torch_bridge, torch_bridge.configuration_sdar
+runpy.run_module("torch_bridge.export", run_name="__main__")
+"""
+
+
+def test_export_needs_no_lmdeploy(run_dir, tmp_path, monkeypatch):
+    """A TPU user exporting for someone else's servers installs no LMDeploy: the export command
+    runs with LMDeploy unimportable; pushing weights says how to install it."""
+    result = subprocess.run([sys.executable, "-c", WITHOUT_LMDEPLOY, "--checkpoint", str(run_dir),
+                             "--out", str(tmp_path / "served")],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "served" / "configuration_sdar.py").is_file()
+    from torch_bridge import weight_push
+    monkeypatch.setitem(sys.modules, "lmdeploy", None)
+    monkeypatch.delitem(sys.modules, "lmdeploy.utils", raising=False)
+    with pytest.raises(ImportError, match="pushing weights to LMDeploy servers needs LMDeploy"):
+        weight_push.lmdeploy_utils()
+
+
 def test_cli_module_reports_errors(tmp_path):
     result = subprocess.run([sys.executable, "-m", "torch_bridge.export", "--checkpoint",
                              str(tmp_path / "nope"), "--out", str(tmp_path / "out")],

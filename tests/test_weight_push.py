@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 from aiohttp import web
 from flax import nnx
+import lmdeploy.utils
 from lmdeploy.utils import FlattenedTensorBucket
 
 from conftest import random_model, tiny_config
@@ -251,7 +252,8 @@ def test_nccl_request_bodies_and_flattening_order(seed, monkeypatch):
     params = tiny_params(seed)
     expected = parameter_shapes(random_model(tiny_config(), seed))
     joined, broadcasts = {}, []
-    monkeypatch.setattr(wp, "init_custom_process_group", lambda **kw: joined.update(kw) or "pg")
+    monkeypatch.setattr(lmdeploy.utils, "init_custom_process_group",
+                        lambda **kw: joined.update(kw) or "pg")
     monkeypatch.setattr(wp.dist, "broadcast",
                         lambda t, src, group: broadcasts.append((t.clone(), src, group)))
     server = FakeServer()

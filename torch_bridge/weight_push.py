@@ -20,6 +20,7 @@ import abc
 import dataclasses
 import datetime
 import functools
+import importlib
 import itertools
 import math
 import time
@@ -32,7 +33,6 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 from flax import nnx
-from lmdeploy.utils import FlattenedTensorBucket, init_custom_process_group, serialize_state_dict
 
 from dirl_jax.model import SDARConfig, abstract_model, hf_name, parameter_shapes, plan_shards
 from torch_bridge.auth import bearer_header
@@ -51,6 +51,17 @@ HTTP_TIMEOUT_S = 1800.0
 SLEEP_LEVELS = (None, 1, 2)
 _LISTED = 20  # names listed per kind of problem in a WeightNameError
 T = TypeVar("T")
+
+
+def lmdeploy_utils() -> Any:
+    """``lmdeploy.utils`` (bucket flattening, request serialisation, NCCL groups), imported when a
+    push first needs it so that exporting never requires LMDeploy."""
+    try:
+        return importlib.import_module("lmdeploy.utils")
+    except ImportError as e:
+        raise ImportError("pushing weights to LMDeploy servers needs LMDeploy: on GPU nodes "
+                          "`pip install lmdeploy==0.18.0`; on CPU machines `pip install --no-deps "
+                          "lmdeploy==0.18.0` (what scripts/setup.sh does)") from e
 
 
 class WeightNameError(ValueError):
@@ -346,12 +357,12 @@ class IPCWeightPusher(_LMDeployPusher):
 
     def send(self, named: list[tuple[str, torch.Tensor]], finished: bool) -> int:
         """One segment; the flattened copies stay referenced until the server answered."""
-        bucket = FlattenedTensorBucket(named_tensors=[(n, t.to(self.devices[0])) for n, t in named])
+        bucket = lmdeploy_utils().FlattenedTensorBucket(named_tensors=[(n, t.to(self.devices[0])) for n, t in named])
         flats = [bucket.get_flattened_tensor()]
         flats += [flats[0].to(device) for device in self.devices[1:]]
         for flat in flats:
             _synchronize(flat)
-        payloads = [serialize_state_dict({"flattened_tensor": flat, "metadata": bucket.get_metadata()})
+        payloads = [lmdeploy_utils().serialize_state_dict({"flattened_tensor": flat, "metadata": bucket.get_metadata()})
                     for flat in flats]
         self.servers[0].call("/update_weights", json={
             "serialized_named_tensors": payloads[0] if len(payloads) == 1 else payloads,
@@ -416,7 +427,7 @@ class NCCLWeightPusher(_LMDeployPusher):
     def connect(self) -> None:
         """Joins the group as rank 0 while the servers' (blocking) init requests are in flight."""
         def join() -> None:
-            self.group = init_custom_process_group(
+            self.group = lmdeploy_utils().init_custom_process_group(
                 backend=self.backend, init_method=f"tcp://{self.master_address}:{self.master_port}",
                 world_size=self.world_size, rank=0, group_name=self.group_name, timeout=self.timeout)
 
@@ -430,7 +441,7 @@ class NCCLWeightPusher(_LMDeployPusher):
 
     def send(self, named: list[tuple[str, torch.Tensor]], finished: bool) -> int:
         """One segment: its request to every server, and one broadcast of the flattened bucket."""
-        bucket = FlattenedTensorBucket(named_tensors=[(n, t.to(self.device)) for n, t in named])
+        bucket = lmdeploy_utils().FlattenedTensorBucket(named_tensors=[(n, t.to(self.device)) for n, t in named])
         flat = bucket.get_flattened_tensor()
         body = distributed_update_body(bucket.get_metadata(), self.group_name, finished)
         _concurrently([functools.partial(server.call, "/update_weights_from_distributed", json=body)
