@@ -177,10 +177,21 @@ def free_bytes(directory: str) -> int:
     return shutil.disk_usage(directory).free
 
 
+def _not_the_read_only_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 def _reader(directory: str | os.PathLike) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
-                                 options=ocp.CheckpointManagerOptions(
-                                     read_only=True, create=False, save_interval_steps=0))
+    """A manager that only reads (orbax's notice that the directory is read only, which is the
+    point, is dropped; nothing else)."""
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_not_the_read_only_notice)
+    try:
+        return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
+                                     options=ocp.CheckpointManagerOptions(
+                                         read_only=True, create=False, save_interval_steps=0))
+    finally:
+        absl_logger.removeFilter(_not_the_read_only_notice)
 
 
 def checkpoint_steps(directory: str | os.PathLike) -> list[int]:

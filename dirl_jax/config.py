@@ -92,7 +92,7 @@ def sft_defaults() -> ConfigDict:
     config.task = "sft"
     config.run_dir = "runs/sft"
     config.seed = 0
-    config.init_from = ""                 # HF directory (or hub id); empty: random init from `model`
+    config.init_from = ""                 # run dir (its latest checkpoint), HF dir or hub id; empty: random `model`
     config.tokenizer = ""                 # tokenizer dir / hub id; "builtin:toy"; empty: init_from's
     config.model = ConfigDict(dict(       # used when init_from is empty
         vocab_size=0,                     # 0: the tokenizer's size
@@ -176,7 +176,7 @@ def dipo_defaults() -> ConfigDict:
     config.task = "dipo"
     config.run_dir = "runs/dipo"
     config.seed = 0
-    config.init_from = ""                 # an SFT run directory (its export/) or a HF directory / hub id
+    config.init_from = ""                 # an SFT run directory (its latest checkpoint) or a HF directory / hub id
     config.tokenizer = ""                 # default: the tokenizer next to init_from's weights
     config.model = ConfigDict(dict(attention_impl="auto", remat=False))
     config.mesh = ConfigDict(dict(data=0, fsdp=1, tensor=1))  # this host's devices (see sft_defaults)

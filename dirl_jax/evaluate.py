@@ -4,20 +4,31 @@ as records.jsonl, summary.json, summary.md (the paper's Table 1 layout) and summ
 
 from __future__ import annotations
 
+import os
+import time
+
 from ml_collections import ConfigDict
 
+from dirl_jax import console
 from dirl_jax.cli import run_config_command
 from dirl_jax.config import eval_defaults
 from dirl_jax.evaluation.report import markdown_table
 from dirl_jax.evaluation.runner import run_evaluation
+from dirl_jax.metrics import format_duration
 
 
 def evaluate(config: ConfigDict) -> None:
     """Runs the evaluation and prints its Table-1 summary."""
+    started = time.time()
     summary = run_evaluation(config)
     if summary:
         print(markdown_table(summary, model=config.model, decoding=config.decoding), flush=True)
-        print(f"wrote {config.output_dir}/records.jsonl, summary.json, summary.md, summary.png")
+        out = os.path.abspath(config.output_dir)
+        console.closing_lines(f"evaluate done in {format_duration(time.time() - started)}", [
+            ("records", os.path.join(out, "records.jsonl"), "every sample: response, answer, verdict"),
+            ("summary", os.path.join(out, "summary.json"), "accuracy, tokens per step, length"),
+            ("table", os.path.join(out, "summary.md"), "the paper's Table 1 layout"),
+            ("chart", os.path.join(out, "summary.png"), "")])
 
 
 if __name__ == "__main__":

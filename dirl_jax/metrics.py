@@ -28,7 +28,7 @@ _OPTIONAL_FIELDS = (("masked_fraction", "masked"), ("rollout_accuracy", "rollout
                     ("eval_accuracy", "eval acc"), ("log_ratio_abs_max", "|log ratio|"))
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
@@ -74,8 +74,7 @@ class MetricsWriter:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.total_steps = total_steps
         self.enabled = enabled
-        self._start_time = time.time()
-        self._start_step = resume_step
+        self._timed_from: tuple[float, int] | None = None  # (time, step) of the first row written
         if not enabled:
             return
         if os.path.exists(self.path):
@@ -106,13 +105,22 @@ class MetricsWriter:
                                                        summary=scalar(key, value)))
             self._events.flush()
         last = rows[-1]
-        done = last["step"] - self._start_step
-        elapsed = time.time() - self._start_time
-        eta = elapsed / max(done, 1) * (self.total_steps - last["step"])
-        extras = "".join(f"{label} {last[key]:.3f} | " for key, label in _OPTIONAL_FIELDS if key in last)
         print(f"step {last['step']}/{self.total_steps} | loss {last['loss']:.4f} | "
-              f"lr {last['lr']:.2e} | grad_norm {last['grad_norm']:.3f} | {extras}"
-              f"{last['tokens_per_s']:,.0f} tok/s | eta {_format_duration(eta)}", flush=True)
+              f"lr {last['lr']:.2e} | grad_norm {last['grad_norm']:.3f} | "
+              + "".join(f"{label} {last[key]:.3f} | " for key, label in _OPTIONAL_FIELDS if key in last)
+              + f"{last['tokens_per_s']:,.0f} tok/s | eta {self.eta(last['step'])}", flush=True)
+
+    def eta(self, step: int, now: float | None = None) -> str:
+        """Time left after ``step``, from the steps since the first written row: compiling (in
+        the first rows of a run or a resume) is never extrapolated; ``measuring`` until then."""
+        now = time.time() if now is None else now
+        if self._timed_from is None:
+            self._timed_from = (now, step)
+            return "measuring"
+        start_time, start_step = self._timed_from
+        if step <= start_step:
+            return "measuring"
+        return format_duration((now - start_time) / (step - start_step) * (self.total_steps - step))
 
     def close(self) -> None:
         if self.enabled:
@@ -120,6 +128,15 @@ class MetricsWriter:
                 self._file.close()
             with _writing(self._events_path):
                 self._events.close()
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """The rows of ``RUN_DIR/metrics.jsonl`` (FileNotFoundError naming it when absent)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found (is {run_dir} a run directory?)")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def start_run_dir(run_dir: str, config: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ setting means the same thing in every task.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from ml_collections import ConfigDict
 
 from dirl_jax import mesh as mesh_lib
 from dirl_jax.attention import IMPLEMENTATIONS
-from dirl_jax.checkpoint import checkpoint_steps
+from dirl_jax.checkpoint import checkpoint_steps, restore_params
 from dirl_jax.config import (ConfigValueError, check, check_dipo_fields, check_model_block_size,
                              check_sft_fields, resume_changes)
 from dirl_jax.dipo import AGGREGATIONS
@@ -31,9 +32,10 @@ from dirl_jax.data import toy
 from dirl_jax.data.records import DataError, read_records
 from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.metrics import MetricsWriter, start_run_dir
-from dirl_jax.model import SDARConfig, SDARForCausalLM, load_model, save_model
+from dirl_jax.model import SDARConfig, SDARForCausalLM, abstract_model, load_model, save_model
 from dirl_jax.model.hf_io import resolve_dtype
-from dirl_jax.model.paths import resolve_model_dir
+from dirl_jax.model.paths import is_run_dir, resolve_model_dir
+from dirl_jax.sharding import named_shardings
 from dirl_jax.rollout.engine_names import engine_spec_problem
 from dirl_jax.rollout.sampler import SamplingConfig
 from dirl_jax.run_lock import lock_run_dir
@@ -127,6 +129,21 @@ def init_model_dir(config: ConfigDict) -> str:
     return resolve_model_dir(config.init_from) if config.init_from else ""
 
 
+def init_checkpoint(config: ConfigDict) -> tuple[str, int, str] | None:
+    """``(step directory's parent, step, saved parameter dtype)`` of the latest committed
+    checkpoint when ``init_from`` is a training run directory that has one: training continues
+    from the run's own (e.g. fp32) parameters; its ``export`` (often bf16) is for serving."""
+    if not config.init_from or not is_run_dir(config.init_from):
+        return None
+    directory = os.path.join(config.init_from, "checkpoints")
+    steps = checkpoint_steps(directory) if os.path.isdir(directory) else []
+    if not steps:
+        return None
+    with open(os.path.join(config.init_from, "config.json"), encoding="utf-8") as f:
+        saved_dtype = json.load(f).get("train", {}).get("param_dtype", "float32")
+    return directory, steps[-1], saved_dtype
+
+
 def build_tokenizer(config: ConfigDict):
     """``config.tokenizer`` (the built-in character tokenizer, a directory or hub id), else the
     tokenizer next to the initial weights."""
@@ -168,6 +185,10 @@ def build_model(config: ConfigDict, model_config: SDARConfig, mesh: jax.sharding
     sharding on ``mesh``, in the run's compute and parameter dtypes."""
     dtype = resolve_dtype(config.train.compute_dtype)
     param_dtype = resolve_dtype(config.train.param_dtype)
+    found = init_checkpoint(config)
+    if found:
+        return restore_run_params(model_config, mesh, *found, dtype=dtype, param_dtype=param_dtype,
+                                  remat=config.model.remat)
     if config.init_from:
         model, _ = load_model(init_model_dir(config), dtype, param_dtype=param_dtype, mesh=mesh,
                               remat=config.model.remat)
@@ -175,6 +196,25 @@ def build_model(config: ConfigDict, model_config: SDARConfig, mesh: jax.sharding
     return mesh_lib.sharded_model(
         lambda: SDARForCausalLM(model_config, rngs=nnx.Rngs(config.seed), dtype=dtype,
                                 param_dtype=param_dtype, remat=config.model.remat), mesh)
+
+
+def restore_run_params(model_config: SDARConfig, mesh: jax.sharding.Mesh, directory: str,
+                       step: int, saved_dtype: str, *, dtype: Any, param_dtype: Any,
+                       remat: bool) -> SDARForCausalLM:
+    """The model with the parameters of checkpoint ``step`` under ``directory`` (checked against
+    their fingerprint, read in the dtype they were saved in), placed in their shardings on
+    ``mesh`` and cast to ``param_dtype``."""
+    abstract = abstract_model(model_config, dtype=dtype, param_dtype=resolve_dtype(saved_dtype),
+                              remat=remat)
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    shardings = named_shardings(params, mesh)
+    target = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+                          params, shardings)
+    restored = restore_params(directory, step, target)
+    cast = jax.jit(lambda tree: jax.tree.map(lambda x: x.astype(param_dtype), tree),
+                   out_shardings=shardings)
+    print(f"init_from: parameters of {os.path.join(directory, str(step))} ({saved_dtype})", flush=True)
+    return nnx.merge(graphdef, cast(restored), rest)
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -215,6 +255,19 @@ def metrics_writer(config: ConfigDict, run_dir: str, start: int) -> MetricsWrite
     """The run's metrics (JSONL, TensorBoard, console), continued from step ``start``."""
     return MetricsWriter(run_dir, resume_step=start, total_steps=config.train.num_steps,
                          enabled=jax.process_index() == 0)
+
+
+def draw_curves(run_dir: str) -> None:
+    """``RUN_DIR/metrics.png`` (process 0) when matplotlib is installed; a line saying how
+    otherwise."""
+    if jax.process_index() != 0:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
+        print('metrics.png not drawn: pip install -e ".[plot]" (matplotlib), then '
+              f"python scripts/plot_metrics.py {run_dir}", flush=True)
+        return
+    from dirl_jax.plots import plot_run
+    plot_run(run_dir)
 
 
 def export(config: ConfigDict, model: SDARForCausalLM, model_config: SDARConfig, run_dir: str,

@@ -218,3 +218,42 @@ def test_paper_rl_recipe_validates_and_traces_abstractly(shared_dir):
     config.train.row_length = 8192
     with pytest.raises(ConfigValueError, match="config.train.row_length: .* cannot hold"):
         check_canvas_fits(config, model_config.block_size)
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_init_from_a_run_directory_continues_from_its_latest_checkpoint(tmp_path, param_dtype):
+    """A run directory as ``init_from`` gives its latest checkpoint's (fp32) parameters, cast to
+    the new run's ``param_dtype``; never its bf16 export."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from dirl_jax import run as run_lib
+    from dirl_jax.checkpoint import restore_params
+    from dirl_jax.mesh import make_mesh
+    from dirl_jax.model import abstract_model, load_model
+    from dirl_jax.trainers.sft import run_sft
+    from test_train import tiny_run_config as sft_run_config
+
+    sft = sft_run_config(tmp_path / "sft", num_steps=4)
+    sft.export.dtype = "bfloat16"
+    run_sft(sft)
+    config = dipo_defaults()
+    config.init_from = str(tmp_path / "sft")
+    config.train.param_dtype = param_dtype
+    tokenizer = run_lib.build_tokenizer(config)
+    model_config = run_lib.build_model_config(config, tokenizer)
+    model = run_lib.build_model(config, model_config, make_mesh((1, 1, 1), jax.devices()[:1]))
+    got = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    _, abstract = nnx.split(abstract_model(model_config, dtype=jax.numpy.float32), nnx.Param)
+    saved = nnx.to_flat_state(restore_params(tmp_path / "sft" / "checkpoints", 4, abstract))
+    export, _ = load_model(tmp_path / "sft", "float32")
+    exported = dict(nnx.to_flat_state(nnx.state(export, nnx.Param)))
+    differs_from_export = False
+    for (path, var), (_, want) in zip(got, saved):
+        value = np.asarray(var[...])
+        assert value.dtype == np.dtype(param_dtype)
+        np.testing.assert_array_equal(value, np.asarray(want[...]).astype(param_dtype))
+        differs_from_export |= not np.array_equal(value.astype(np.float32),
+                                                  np.asarray(exported[path][...]))
+    assert differs_from_export == (param_dtype == "float32")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 
+import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 # DIRL_SPEC §2.1: the instruction appended to every rollout / evaluation question.
@@ -11,10 +13,21 @@ BOXED_INSTRUCTION = "Please reason step by step, and put your final answer withi
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """A HF tokenizer (with its chat template) from a local directory or a hub id."""
+    """A HF tokenizer (with its chat template) from a local directory or a hub id.
+
+    A local directory's tokenizer is built by the class its ``tokenizer_config.json`` names:
+    ``AutoTokenizer`` would first read ``config.json``, whose ``model_type: sdar`` transformers
+    does not know (a warning on every load, and a detour through a generic config)."""
     path = os.fspath(path)
-    if os.path.exists(path) and not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+    if not os.path.exists(path):
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # a hub id
+    file = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(file):
         raise FileNotFoundError(f"{path}: no tokenizer_config.json (expected a tokenizer directory)")
+    with open(file, encoding="utf-8") as f:
+        named = getattr(transformers, str(json.load(f).get("tokenizer_class")), None)
+    if isinstance(named, type) and issubclass(named, PreTrainedTokenizerBase):
+        return named.from_pretrained(path)
     # SDAR directories carry remote config code (auto_map) that a tokenizer never needs
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 

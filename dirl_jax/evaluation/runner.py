@@ -23,6 +23,7 @@ from dirl_jax.config import benchmark_names, check, check_eval_fields, eval_deco
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.evaluation import records as records_lib
+from dirl_jax import console
 from dirl_jax.evaluation.benchmarks import BENCHMARKS, Question, grade_answers, load_benchmark
 from dirl_jax.evaluation.report import summarize, write_report
 from dirl_jax.model import load_model
@@ -99,6 +100,12 @@ def run_evaluation(config: ConfigDict) -> dict[str, dict[str, Any]]:
         records_lib.check_settings(config.output_dir, settings)
     done = records_lib.read_records(config.output_dir)
     work = pending_work(questions, config.samples_per_question, done)
+    devices = jax.devices()
+    console.say([f"evaluate: {config.model} on {', '.join(benchmarks)} ({len(questions)} questions x "
+                 f"{config.samples_per_question} samples, {len(work)} to generate) -> "
+                 f"{console.shown_path(os.path.abspath(config.output_dir))}",
+                 f"  engine {config.engine}, decoding {config.decoding}, {len(devices)} "
+                 f"{devices[0].platform} device(s); compiling the decoder first"])
     encoded = {(q.benchmark, q.id): tokenizer.encode(rl_data.render_prompt(q.question, template),
                                                      add_special_tokens=False) for q, _ in work}
     # prompts of similar length share a batch (less padding, shorter KV caches); the split over

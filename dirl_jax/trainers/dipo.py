@@ -23,14 +23,14 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from dirl_jax import dipo, distributed, run
+from dirl_jax import console, dipo, distributed, run
 from dirl_jax.checkpoint import start_or_resume
 from dirl_jax.config import SPLIT_FIELDS, check
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data import toy
 from dirl_jax.data.tokenizer import stop_token_ids
 from dirl_jax.evaluation.builtin import builtin_eval_runs, evaluate_builtin
-from dirl_jax.metrics import write_json_atomic
+from dirl_jax.metrics import format_duration, read_metrics, write_json_atomic
 from dirl_jax.optim import make_optimizer
 from dirl_jax.rewards import REWARDS, Response, grade_all, weighted_rewards
 from dirl_jax.rollout.engine import RolloutEngine, make_engine
@@ -238,6 +238,10 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
         engine.update_weights(params)
     updater = Updater(graphdef, tx, config, mesh)
     writer = run.metrics_writer(config, run_dir, start)
+    started = time.time()
+    console.start_banner("dipo", run_dir, model_config, params, mesh, start=start, total=t.num_steps,
+                         detail=f"{len(prompts)} training prompts x {r.group_size} rollouts, "
+                                f"{r.prompts_per_step} prompts per step, engine {r.engine}")
 
     evaluates = builtin_eval_runs(held_out, config)
 
@@ -287,5 +291,28 @@ def run_dipo(config: ConfigDict) -> dict[str, Any]:
     if result and jax.process_index() == 0:
         write_json_atomic(os.path.join(run_dir, "eval.json"), result)
     run.export(config, nnx.merge(graphdef, params), model_config, run_dir, tokenizer_dir)
+    run.draw_curves(run_dir)
+    console.closing_lines(dipo_summary(run_dir, start, t.num_steps, time.time() - started, result),
+                          [("initial eval", os.path.join(run_dir, "eval_initial.json"),
+                            "the starting policy on the same held-out problems"),
+                           *console.run_outputs(run_dir)])
     unlock_run_dir(run_dir)
     return result
+
+
+def dipo_summary(run_dir: str, start: int, total: int, seconds: float, final: dict[str, Any]) -> str:
+    """One line: the steps run, held-out accuracy before -> after, and where the time went
+    (summed over this run's rows of ``metrics.jsonl``)."""
+    rows = read_metrics(run_dir) if jax.process_index() == 0 else []
+    parts = {name: sum(r.get(f"{name}_s", 0.0) for r in rows if r["step"] > start)
+             for name in ("rollout", "reward", "train", "weight_sync")}
+    split = ", ".join(f"{name} {format_duration(value)}" for name, value in parts.items() if value)
+    initial_file = os.path.join(run_dir, "eval_initial.json")
+    accuracy = ""
+    if final and os.path.isfile(initial_file):
+        with open(initial_file, encoding="utf-8") as f:
+            accuracy = f"; held-out accuracy {json.load(f)['accuracy']:.3f} -> {final['accuracy']:.3f}"
+    elif final:
+        accuracy = f"; held-out accuracy {final['accuracy']:.3f}"
+    return (f"dipo done: steps {start + 1}-{total} in {format_duration(seconds)} "
+            f"({split or 'no step run'}){accuracy}")

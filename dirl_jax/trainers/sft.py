@@ -12,12 +12,12 @@ import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from dirl_jax import run
+from dirl_jax import console, run
 from dirl_jax import mesh as mesh_lib
 from dirl_jax.checkpoint import start_or_resume
 from dirl_jax.data import sft as sft_data
 from dirl_jax.evaluation.builtin import builtin_eval_runs, evaluate_builtin
-from dirl_jax.metrics import write_json_atomic
+from dirl_jax.metrics import format_duration, write_json_atomic
 from dirl_jax.optim import make_optimizer
 from dirl_jax.run_lock import unlock_run_dir
 from dirl_jax.trainers.steps import make_train_step
@@ -61,6 +61,10 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
     train_step = make_train_step(graphdef, tx, config, model_config)
     base_key = jax.random.key(config.seed)
     writer = run.metrics_writer(config, run_dir, start)
+    started = time.time()
+    console.start_banner("sft", run_dir, model_config, params, mesh, start=start,
+                         total=train.num_steps,
+                         detail=f"{len(examples)} training examples, global batch {train.global_batch}")
     pending: list[tuple[int, dict[str, jax.Array], int]] = []
     last_time = time.time()
     for step in range(start, train.num_steps):
@@ -95,5 +99,10 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
         if jax.process_index() == 0:
             write_json_atomic(os.path.join(run_dir, "eval.json"), result)
     run.export(config, model, model_config, run_dir, tokenizer_dir)
+    run.draw_curves(run_dir)
+    accuracy = f"; held-out accuracy {result['accuracy']:.3f}" if result else ""
+    console.closing_lines(f"sft done: steps {start + 1}-{train.num_steps} in "
+                          f"{format_duration(time.time() - started)}{accuracy}",
+                          console.run_outputs(run_dir))
     unlock_run_dir(run_dir)
     return result
