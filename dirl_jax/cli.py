@@ -31,7 +31,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dirl_jax.model import CheckpointError, ConfigError, ModelPathError
     from dirl_jax.run_lock import RunDirLocked
     return (ConfigValueError, DataError, ConfigError, CheckpointError, CheckpointCorrupt,
-            CheckpointWriteError, ModelPathError, RunDirLocked, MetricsWriteError)
+            CheckpointWriteError, ModelPathError, RunDirLocked, MetricsWriteError,
+            FileNotFoundError, FileExistsError)  # these name their path
 
 
 def debugging(argv: Sequence[str]) -> bool:

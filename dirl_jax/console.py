@@ -67,7 +67,7 @@ def run_outputs(run_dir: str) -> list[tuple[str, str, str]]:
     return [
         ("export", join("export"), f"python -m dirl_jax.generate --model {shown} --prompt ..."),
         ("held-out eval", join("eval.json"), "accuracy, examples, per-example answers"),
-        ("evaluated set", join("heldout.jsonl"), "the held-out problems scored (never trained on)"),
+        ("evaluated set", join("heldout.jsonl"), "the held-out problems scored, never trained on"),
         ("curves", join("metrics.png"), f"redraw: python scripts/plot_metrics.py {shown}"),
         ("metrics", join("metrics.jsonl"), f"tensorboard --logdir {shown}"),
         ("checkpoints", join("checkpoints"), "a larger train.num_steps resumes from the latest"),

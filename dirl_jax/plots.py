@@ -46,10 +46,11 @@ def varies(values: np.ndarray) -> bool:
 
 
 def panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
-    """``(title, keys)`` of every panel to draw, key panels first; constant series dropped."""
+    """``(title, keys)`` of every panel to draw, key panels first; constant series dropped
+    (unless nothing changes yet, as after one step)."""
     numeric = {k for r in rows for k, v in r.items()
                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    changing = {k for k in numeric if varies(series(rows, k)[1])}
+    changing = {k for k in numeric if varies(series(rows, k)[1])} or numeric  # one step: all
     chosen = [(title, [k for k in keys if k in changing]) for title, keys in KEY_PANELS]
     listed = {k for _, keys in KEY_PANELS for k in keys}
     rest = [(k, [k]) for k in sorted(changing - listed)]
@@ -73,7 +74,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     rows = read_metrics(run_dir)
     chosen = panels(rows)
     if not chosen:
-        raise ValueError(f"{run_dir}/metrics.jsonl: no metric that changes yet")
+        raise ValueError(f"{run_dir}/metrics.jsonl: no metric recorded yet")
     cols = min(3, len(chosen))
     lines = math.ceil(len(chosen) / cols)
     fig, axes = plt.subplots(lines, cols, figsize=(5 * cols, 3 * lines), squeeze=False)

@@ -51,3 +51,9 @@ def test_plot_run_writes_the_png(tmp_path):
     assert out == str(tmp_path / "metrics.png")
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_a_one_step_run_still_gets_its_panels(tmp_path):
+    rows = [{"step": 1, "loss": 2.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 9.0}]
+    assert [t for t, _ in plots.panels(rows)] == ["loss", "gradient norm", "learning rate",
+                                                 "throughput (tokens/s)"]

@@ -8,6 +8,8 @@ import os
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from dirl_jax.model.paths import ModelPathError, looks_like_hub_id
+
 # DIRL_SPEC §2.1: the instruction appended to every rollout / evaluation question.
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within $\\boxed{}$."
 
@@ -20,7 +22,10 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     does not know (a warning on every load, and a detour through a generic config)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # a hub id
+        if not looks_like_hub_id(path):
+            raise ModelPathError(f"{path}: no such directory (expected a tokenizer directory or "
+                                 "a hub id 'org/name')")
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     file = os.path.join(path, "tokenizer_config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path}: no tokenizer_config.json (expected a tokenizer directory)")
