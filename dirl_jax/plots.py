@@ -1,8 +1,9 @@
 """``RUN_DIR/metrics.png``: a run's curves, the ones that say whether it works first.
 
-Key panels come first in a fixed order (reward and held-out accuracy, loss on a linear scale,
-clip fraction, KL, tokens per step, the time split of a step, then gradient norm, learning rate
-and throughput); every other numeric metric follows alphabetically. Series that never change
+Key panels come first in a fixed order (reward and held-out accuracy, loss, clip fraction, KL,
+tokens per step, the time split of a step, then gradient norm, learning rate and throughput);
+every other numeric metric follows alphabetically. A panel is on a log scale only when its
+values are positive and span over 100x (an SFT loss; a DiPO loss, of either sign, stays linear). Series that never change
 (e.g. ``micro_batches``) are left out. Each series is drawn faint as recorded, with a moving
 average over it when it is long enough to be noisy. Needs matplotlib (``pip install -e ".[plot]"``).
 """
@@ -57,6 +58,13 @@ def panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     return [(title, keys) for title, keys in chosen + rest if keys]
 
 
+def log_scale(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> bool:
+    """Whether a panel reads better on a log scale: every value positive, spanning over 100x
+    (an SFT loss does; a DiPO loss, around 0 and of either sign, never)."""
+    values = np.concatenate([series(rows, k)[1] for k in keys])
+    return bool(values.size and values.min() > 0 and values.max() > 100 * values.min())
+
+
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Mean over the last ``window`` points (fewer at the start)."""
     sums = np.cumsum(np.insert(values, 0, 0.0))
@@ -83,10 +91,12 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
             steps, values = series(rows, key)
             if values.size >= SMOOTH_FROM:
                 raw = ax.plot(steps, values, alpha=0.25, linewidth=0.8)[0]
-                ax.plot(steps, moving_average(values, max(2, values.size // 20)),
+                ax.plot(steps, moving_average(values, max(2, values.size // 50)),
                         color=raw.get_color(), label=key)
             else:
                 ax.plot(steps, values, marker="o", markersize=3, label=key)
+        if log_scale(rows, keys):
+            ax.set_yscale("log")
         if len(keys) > 1:
             ax.legend(fontsize="small")
         ax.set_title(title)

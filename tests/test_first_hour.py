@@ -100,3 +100,11 @@ def test_dipo_from_a_run_directory_starts_where_sft_ended(session):
     sft = json.loads((root / "sft" / "eval.json").read_text())
     initial = json.loads((root / "dipo" / "eval_initial.json").read_text())
     assert initial["correct"] == sft["correct"]
+
+
+def test_the_license_is_an_spdx_expression():
+    """setuptools warns at every install about a table-form license; an SPDX string it takes."""
+    import tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert project["build-system"]["requires"][0] == "setuptools>=77"  # the first with SPDX

@@ -57,3 +57,10 @@ def test_a_one_step_run_still_gets_its_panels(tmp_path):
     rows = [{"step": 1, "loss": 2.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 9.0}]
     assert [t for t, _ in plots.panels(rows)] == ["loss", "gradient norm", "learning rate",
                                                  "throughput (tokens/s)"]
+
+
+def test_log_scale_only_for_positive_series_spanning_100x():
+    sft = [{"step": s, "loss": 10.0 / s ** 2} for s in range(1, 12)]
+    assert plots.log_scale(sft, ["loss"]) is True
+    assert plots.log_scale(dipo_rows(), ["loss"]) is False  # negative
+    assert plots.log_scale([{"step": s, "loss": 1.0 + s} for s in range(1, 12)], ["loss"]) is False
