@@ -114,6 +114,8 @@ class MetricsWriter:
         """Time left after ``step``, from the steps since the first written row: compiling (in
         the first rows of a run or a resume) is never extrapolated; ``measuring`` until then."""
         now = time.time() if now is None else now
+        if step <= 0:  # DiPO's step 0 only evaluates the starting policy: no step was timed
+            return "measuring"
         if self._timed_from is None:
             self._timed_from = (now, step)
             return "measuring"
