@@ -64,4 +64,3 @@ def test_log_scale_only_for_positive_series_spanning_100x():
     assert plots.log_scale(sft, ["loss"]) is True
     assert plots.log_scale(dipo_rows(), ["loss"]) is False  # negative
     assert plots.log_scale([{"step": s, "loss": 1.0 + s} for s in range(1, 12)], ["loss"]) is False
-
