@@ -142,7 +142,23 @@ def test_round_bound_and_its_warning(caplog):
                                                   config, step=4)
     assert groups == [] and stats["groups_kept"] == 0
     assert stats["sampling_rounds"] == 3 == engine.calls and stats["groups_sampled"] == 12
-    assert "step 4: 0 informative groups after 3 sampling rounds (wanted 2)" in caplog.text
+    [record] = [r for r in caplog.records if "informative groups" in r.getMessage()]
+    assert record.levelno == logging.WARNING and record.getMessage() == (
+        "step 4: 0 informative groups after 3 sampling rounds (wanted 2); the step is skipped")
+
+
+def test_a_short_batch_is_logged_at_info_not_as_a_warning(caplog):
+    """Once most groups are all right a short batch is normal (``groups_kept`` records it)."""
+    kinds = ["mixed", "all_right", "all_right", "all_right"]
+    engine, stream, prompts, answers, tok, sampling, config = setup(
+        kinds, prompts_per_step=4, oversample=1, rounds=1)
+    with caplog.at_level(logging.INFO, logger="dirl_jax.trainers.dipo"):
+        groups, stats = dipo_train.collect_groups(engine, stream, prompts, answers, tok, sampling,
+                                                  config, step=2)
+    assert stats["groups_kept"] == 1 == len(groups)
+    [record] = [r for r in caplog.records if "informative groups" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == "step 2: 1 informative groups after 1 sampling rounds (wanted 4)"
 
 
 def test_without_dynamic_sampling_every_group_is_kept():

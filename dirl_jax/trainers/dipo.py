@@ -121,9 +121,12 @@ def collect_groups(engine: RolloutEngine, stream, prompts: list[list[int]], answ
                          "advantages": advantages[g], "rewards": rewards[g]})
         if len(kept) >= r.prompts_per_step:
             break
-    else:
-        log.warning("step %d: %d informative groups after %d sampling rounds (wanted %d)", step,
-                    len(kept), t.max_sampling_rounds, r.prompts_per_step)
+    else:  # a short batch is normal once most groups are all right (groups_kept says it);
+        # a step with nothing to learn from is skipped, and that is worth a warning
+        log.log(logging.INFO if kept else logging.WARNING,
+                "step %d: %d informative groups after %d sampling rounds (wanted %d)%s", step,
+                len(kept), t.max_sampling_rounds, r.prompts_per_step,
+                "" if kept else "; the step is skipped")
     if len(kept) > r.prompts_per_step:  # a seeded shuffle: the same on every host
         order = np.random.default_rng([config.seed, step]).permutation(len(kept))
         kept = [kept[i] for i in order[:r.prompts_per_step]]
