@@ -93,11 +93,10 @@ class Checkpointer:
         self.check_free_space(step, state)
         meta = {**meta, "fingerprint": fingerprints(state)}
         with self._write_errors():
-            saved = self.manager.save(step, args=ocp.args.Composite(
+            return self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data_iter=ocp.args.JsonSave(data_iterator.get_state()),
                 meta=ocp.args.JsonSave(meta)), force=force)
-        return saved
 
     def check_free_space(self, step: int, state: Any) -> None:
         """:class:`CheckpointWriteError` before writing when the disk cannot hold this process's

@@ -35,10 +35,10 @@ from dirl_jax.metrics import MetricsWriter, start_run_dir
 from dirl_jax.model import SDARConfig, SDARForCausalLM, abstract_model, load_model, save_model
 from dirl_jax.model.hf_io import resolve_dtype
 from dirl_jax.model.paths import is_run_dir, resolve_model_dir
-from dirl_jax.sharding import named_shardings
 from dirl_jax.rollout.engine_names import engine_spec_problem
 from dirl_jax.rollout.sampler import SamplingConfig
 from dirl_jax.run_lock import lock_run_dir
+from dirl_jax.sharding import named_shardings
 
 BUILTIN_TOKENIZER = "builtin:toy"
 log = logging.getLogger(__name__)

@@ -133,30 +133,33 @@ def test_oversampling_draws_more_prompts_per_round_and_truncates_by_a_seeded_shu
     assert runs[0] == runs[1]  # the shuffle is seeded by (seed, step)
 
 
-def test_round_bound_and_its_warning(caplog):
-    kinds = ["all_right", "all_wrong", "right_only_when_truncated", "all_right"]
-    engine, stream, prompts, answers, tok, sampling, config = setup(
-        kinds, prompts_per_step=2, oversample=2, rounds=3)
-    with caplog.at_level(logging.WARNING, logger="dirl_jax.trainers.dipo"):
+def collect_logging(caplog, kinds, *, step, **setup_kw):
+    """``collect_groups`` on a scripted engine; its groups, stats, engine and the one log record
+    about informative groups (INFO and up)."""
+    engine, stream, prompts, answers, tok, sampling, config = setup(kinds, **setup_kw)
+    with caplog.at_level(logging.INFO, logger="dirl_jax.trainers.dipo"):
         groups, stats = dipo_train.collect_groups(engine, stream, prompts, answers, tok, sampling,
-                                                  config, step=4)
+                                                  config, step=step)
+    [record] = [r for r in caplog.records if "informative groups" in r.getMessage()]
+    return groups, stats, engine, record
+
+
+def test_round_bound_and_its_warning(caplog):
+    groups, stats, engine, record = collect_logging(
+        caplog, ["all_right", "all_wrong", "right_only_when_truncated", "all_right"], step=4,
+        prompts_per_step=2, oversample=2, rounds=3)
     assert groups == [] and stats["groups_kept"] == 0
     assert stats["sampling_rounds"] == 3 == engine.calls and stats["groups_sampled"] == 12
-    [record] = [r for r in caplog.records if "informative groups" in r.getMessage()]
     assert record.levelno == logging.WARNING and record.getMessage() == (
         "step 4: 0 informative groups after 3 sampling rounds (wanted 2); the step is skipped")
 
 
 def test_a_short_batch_is_logged_at_info_not_as_a_warning(caplog):
     """Once most groups are all right a short batch is normal (``groups_kept`` records it)."""
-    kinds = ["mixed", "all_right", "all_right", "all_right"]
-    engine, stream, prompts, answers, tok, sampling, config = setup(
-        kinds, prompts_per_step=4, oversample=1, rounds=1)
-    with caplog.at_level(logging.INFO, logger="dirl_jax.trainers.dipo"):
-        groups, stats = dipo_train.collect_groups(engine, stream, prompts, answers, tok, sampling,
-                                                  config, step=2)
+    groups, stats, _, record = collect_logging(
+        caplog, ["mixed", "all_right", "all_right", "all_right"], step=2,
+        prompts_per_step=4, oversample=1, rounds=1)
     assert stats["groups_kept"] == 1 == len(groups)
-    [record] = [r for r in caplog.records if "informative groups" in r.getMessage()]
     assert record.levelno == logging.INFO
     assert record.getMessage() == "step 2: 1 informative groups after 1 sampling rounds (wanted 4)"
 

@@ -52,6 +52,7 @@ from dirl_jax.metrics import write_json_atomic
 from dirl_jax.model import (SDARConfig, SDARForCausalLM,
                             abstract_model, atomic_directory, load_model, resolve_dtype,
                             resolve_model_dir, run_export_dir, save_model)
+from dirl_jax.model.paths import RUN_CONFIG_KEY
 from torch_bridge import configuration_sdar
 
 EXPORT_DTYPES = ("bfloat16", "float32")
@@ -88,7 +89,7 @@ def _config_kind(path: str) -> str | None:
     if not os.path.isfile(file):
         return None
     config = _read_json(file)
-    return "run" if "task" in config else "hf" if "model_type" in config else None
+    return "run" if RUN_CONFIG_KEY in config else "hf" if "model_type" in config else None
 
 
 def _checkpoint_source(run_dir: str, step: int | None) -> Source:

@@ -17,13 +17,12 @@ import jax
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from dirl_jax import run
+from dirl_jax import console, run
 from dirl_jax.attention import IMPLEMENTATIONS
 from dirl_jax.config import benchmark_names, check, check_eval_fields, eval_decoding
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.evaluation import records as records_lib
-from dirl_jax import console
 from dirl_jax.evaluation.benchmarks import BENCHMARKS, Question, grade_answers, load_benchmark
 from dirl_jax.evaluation.report import summarize, write_report
 from dirl_jax.model import load_model
