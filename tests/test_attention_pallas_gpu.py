@@ -177,8 +177,11 @@ def test_lowers_to_triton_for_cuda(head_dim):
     shapes = (jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.bfloat16),
               *(jax.ShapeDtypeStruct((batch, length, kv_heads, head_dim), jnp.bfloat16),) * 2,
               *(jax.ShapeDtypeStruct((batch, length), jnp.int32),) * 3)
+    h200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H200", num_cores=1, platform="cuda"))  # the GPU it is lowered for
     for fn, calls in ((attend, 1), (jax.value_and_grad(loss, argnums=(0, 1, 2)), 3)):
-        text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        with jax.sharding.use_abstract_mesh(h200):
+            text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("@__gpu$xla.gpu.triton(") == calls
         assert "canvas_attention_fwd" in text
         assert ("canvas_attention_dkv" in text) == (calls == 3)

@@ -33,6 +33,7 @@ from dirl_jax.canvas import StreamMajorLayout
 
 # Splash needs block_q % 128 == 0 with segment ids (dkv kernel) and block_kv_compute % 128 == 0.
 _BLOCK_MULTIPLE = 128
+_HOST = jax.sharding.AbstractMesh((), ())  # no mesh: host-side constants
 
 
 class StreamMajorMask(splash_mask._ComputableMask):  # pylint: disable=protected-access
@@ -67,7 +68,9 @@ def splash_kernel(layout: StreamMajorLayout, num_heads: int, block_q: int = 128,
                               block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                               block_kv_dq=block_kv)
     mask = splash_mask.MultiHeadMask([StreamMajorMask(layout)] * num_heads)
-    with jax.ensure_compile_time_eval():  # concrete mask-info arrays even if first built in a trace
+    # Concrete mask-info arrays even when first built in a trace, and on the host even under an
+    # ahead-of-time abstract mesh (jax >= 0.11 cannot place eager constants on one).
+    with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(_HOST):
         return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                       interpret=interpret)
 
