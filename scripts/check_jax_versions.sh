@@ -10,7 +10,7 @@
 # --find-links), for an index that lags behind. flax follows jax (flax 0.12.8 imports only with
 # jax 0.10, flax >= 0.12.9 needs jax >= 0.11.1), so pip picks the newest flax that fits; every
 # other package keeps the version in constraints.txt. Prints one line per version: the pytest
-# summary, or the step that failed.
+# summary, or the step that failed; exits 1 when any version failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -53,6 +53,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 grep -v -E '^(jax|jaxlib|flax)==' constraints.txt > "$WORK/constraints.txt"
 SUMMARY=()
+status=0
 for version in "${VERSIONS[@]}"; do
   venv="$WORK/venv-$version"
   "$PYTHON" -m venv "$venv"
@@ -63,7 +64,8 @@ for version in "${VERSIONS[@]}"; do
               "jax==$version" "jaxlib==$version" -e ".[test]" \
          && "$venv/bin/python" -m pip install -q --no-deps -c "$WORK/constraints.txt" lmdeploy; } >"$log" 2>&1; then
     tail -5 "$log" >&2
-    SUMMARY+=("jax $version: install failed (see above)")
+    SUMMARY+=("jax $version: install failed (see above; the jax range is pyproject.toml's)")
+    status=1
     continue
   fi
   echo "== jax $version: $("$venv/bin/python" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)')" >&2
@@ -72,7 +74,9 @@ for version in "${VERSIONS[@]}"; do
   set -e
   result=$(grep -E '^=*.*[0-9]+ (passed|failed|errors?)' "$log" | tail -1 || true)
   [ -n "$result" ] || result="pytest did not run the tests: $(grep -m1 -E 'Error|error' "$log" || tail -1 "$log")"
-  SUMMARY+=("jax $version (flax $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("flax"))')," \
-            "Python $PY_VERSION): $result")
+  flax=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("flax"))')
+  SUMMARY+=("jax $version (flax $flax, Python $PY_VERSION): $result")
+  case "$result" in *failed*|*error*|"pytest did not"*) status=1 ;; esac
 done
 printf '%s\n' "${SUMMARY[@]}"
+exit $status
