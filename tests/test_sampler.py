@@ -152,9 +152,15 @@ def test_min_new_tokens_and_banned_tokens(seed):
     stops, banned = tuple(t for t, _ in early[:2]), tuple(t for t, _ in early[2:4])
     cfg = sampling(config, temperature=1.0, max_new_tokens=12, stop_ids=stops, min_new_tokens=6,
                    banned_ids=banned)
-    for result in decode_prompts(model, prompts, cfg, seed=seed):
+    stops_in_block_after_the_minimum = 0
+    for prompt, result in zip(prompts, decode_prompts(model, prompts, cfg, seed=seed)):
         assert not set(result["token_ids"]) & set(banned)
-        assert not set(result["token_ids"][:6]) & set(stops) and result["length"] > 6
+        # LMDeploy's per-block rule: stops are barred from every position of a block begun
+        # before 6 tokens were generated, i.e. up to the first block start >= prompt + 6
+        free_from = -(-(len(prompt) + 6) // BLOCK) * BLOCK - len(prompt)
+        assert not set(result["token_ids"][:free_from]) & set(stops) and result["length"] > free_from
+        stops_in_block_after_the_minimum += bool(set(result["token_ids"][free_from:]) & set(stops))
+    assert stops_in_block_after_the_minimum  # the stops are liked: the rule is what holds them back
     with pytest.raises(ValueError, match="min_new_tokens"):
         sampling(config, max_new_tokens=4, min_new_tokens=8)
 
@@ -181,6 +187,80 @@ def test_stop_tokens_and_length_limit(seed, commit):
         blocks = len({(len(prompt) + i) // BLOCK for i in range(len(tokens))})
         commits = blocks - 1 if commit == "separate" else 0
         assert result["num_forwards"] == 1 + result["num_steps"] + commits
+
+
+def lmdeploy_functions(path: str, *names: str) -> list:
+    """Functions of an installed LMDeploy module, run from its source without importing the
+    module (whose imports need GPU-side packages that a CPU install leaves out)."""
+    import ast
+    import importlib.util
+    import pathlib
+    import torch
+    spec = importlib.util.find_spec("lmdeploy")
+    source = (pathlib.Path(spec.submodule_search_locations[0]) / path).read_text()
+    wanted = [node for node in ast.parse(source).body
+              if isinstance(node, ast.FunctionDef) and node.name in names]
+    namespace = {"torch": torch}
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), path, "exec"), namespace)
+    return [namespace[name] for name in names]
+
+
+def lmdeploy_proposal(logits: np.ndarray, top_k: int, top_p: float) -> list[np.ndarray]:
+    """The token ids LMDeploy's sampler may draw: its own top-k / top-p filters on the copy it
+    sorts (``pytorch/engine/logits_process.py``)."""
+    import torch
+    filters = lmdeploy_functions("pytorch/engine/logits_process.py", "_filter_topk_sorted_",
+                                 "_filter_topp_sorted_")
+    _filter_topk_sorted_, _filter_topp_sorted_ = filters
+    scores, ids = torch.tensor(logits).sort(1, descending=True)
+    rows = scores.shape[0]
+    if top_k:
+        scores = _filter_topk_sorted_(scores, torch.full((rows,), top_k))
+    if top_p < 1:
+        scores = _filter_topp_sorted_(scores, torch.full((rows,), top_p))
+    return [np.sort(ids[r][torch.isfinite(scores[r])].numpy()) for r in range(rows)]
+
+
+def our_proposal(logits: np.ndarray, top_k: int, top_p: float) -> list[np.ndarray]:
+    from dirl_jax.rollout.sampler import proposal_set
+    scores, ids = (np.asarray(x) for x in proposal_set(jax.numpy.asarray(logits), top_k, top_p))
+    return [np.sort(ids[r][np.isfinite(scores[r])]) for r in range(len(logits))]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(50, 1.0), (5, 1.0), (0, 0.9), (0, 0.3), (50, 0.8), (3, 0.95)])
+def test_the_proposal_set_is_lmdeploys(seed, top_k, top_p):
+    """Exactly LMDeploy's kept tokens on random logits; on bf16-rounded logits (ties at the k-th
+    score) exactly k tokens, as LMDeploy's rank cut, never every tied one."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((6, 2000)) * 3).astype(np.float32)
+    for ours, theirs in zip(our_proposal(logits, top_k, top_p), lmdeploy_proposal(logits, top_k, top_p)):
+        np.testing.assert_array_equal(ours, theirs)
+    tied = np.asarray(jax.numpy.asarray(logits, jax.numpy.bfloat16).astype(np.float32))
+    ours, theirs = our_proposal(tied, top_k, top_p), lmdeploy_proposal(tied, top_k, top_p)
+    assert [len(o) for o in ours] == [len(t) for t in theirs]
+    for o, t, row in zip(ours, theirs, tied):
+        np.testing.assert_array_equal(np.sort(row[o]), np.sort(row[t]))  # same scores kept
+    if top_k:
+        assert all(len(o) <= top_k for o in ours)
+
+
+def test_top_p_keeps_a_token_whose_mass_before_it_equals_top_p_exactly():
+    logits = np.array([[0.0, 0.0, -30.0, -30.0]], np.float32)  # probabilities 0.5, 0.5, ~0, ~0
+    assert [len(x) for x in lmdeploy_proposal(logits, 0, 0.5)] == [2]
+    assert [len(x) for x in our_proposal(logits, 0, 0.5)] == [2]
+
+
+def test_proposals_are_drawn_from_the_set_by_its_token_ids(seed):
+    """Sampling happens on the sorted copy: every candidate is one of the set's token ids, and
+    each of them is drawn (the rank is mapped back to the vocabulary)."""
+    import jax.numpy as jnp
+    from dirl_jax.rollout.sampler import propose
+    logits = jnp.full((512, 40), -5.0).at[:, jnp.array([31, 3, 17])].set(jnp.array([2.0, 1.9, 1.8]))
+    cfg = SamplingConfig(block_size=BLOCK, mask_token_id=1, temperature=1.0, top_k=3)
+    candidates, logp = propose(logits, jax.random.split(jax.random.key(seed), 512), cfg)
+    assert set(np.asarray(candidates).tolist()) == {31, 3, 17}
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(logits))[
+        np.arange(512), np.asarray(candidates)], rtol=1e-6)  # under the full distribution
 
 
 def test_bad_sampling_settings_name_the_field():

@@ -229,8 +229,8 @@ def forward_step(model: SDARForCausalLM, state: Slots, cfg: SamplingConfig, wind
     step_keys = jax.vmap(jax.random.fold_in)(state.keys, state.steps)
     position_keys = jax.vmap(lambda key: jax.vmap(functools.partial(jax.random.fold_in, key))(
         offsets))(step_keys)
-    candidates, logp = vocab_head(model, hidden[:, -b:], masked, positions - state.prompt_length[:, None],
-                                  position_keys, cfg)
+    generated_before = jnp.maximum(start - state.prompt_length, 0)[:, None] * jnp.ones_like(positions)
+    candidates, logp = vocab_head(model, hidden[:, -b:], masked, generated_before, position_keys, cfg)
     chosen = unmasking.select_positions(jnp.exp(logp), masked, strategy=cfg.strategy,
                                         block_size=b, steps=cfg.denoising_steps,
                                         threshold=cfg.threshold)
@@ -268,7 +268,7 @@ def forward_step(model: SDARForCausalLM, state: Slots, cfg: SamplingConfig, wind
 
 @jax.named_scope("vocab_head")
 def vocab_head(model: SDARForCausalLM, hidden: jax.Array, needed: jax.Array,
-               response_index: jax.Array, keys: jax.Array, cfg: SamplingConfig
+               generated_before: jax.Array, keys: jax.Array, cfg: SamplingConfig
                ) -> tuple[jax.Array, jax.Array]:
     """Candidates and log-probs ``[slots, B]`` at the ``needed`` (still-masked) positions of the
     blocks' ``hidden [slots, B, hidden]`` states; elsewhere 0 (never read).
@@ -279,7 +279,7 @@ def vocab_head(model: SDARForCausalLM, hidden: jax.Array, needed: jax.Array,
     shape = needed.shape
     n = needed.size
     flat_hidden = hidden.reshape(n, hidden.shape[-1])
-    flat = [x.reshape(n) for x in (needed, response_index, keys)]
+    flat = [x.reshape(n) for x in (needed, generated_before, keys)]
 
     def at(capacity: int) -> Callable[[], tuple[jax.Array, jax.Array]]:
         def run() -> tuple[jax.Array, jax.Array]:

@@ -79,29 +79,32 @@ class SamplingConfig:
         return self.block_size if self.steps is None else self.steps
 
 
-def filter_logits(scaled: jax.Array, top_k: int, top_p: float) -> jax.Array:
-    """``scaled`` logits with ``-inf`` outside the top-k / top-p (nucleus) proposal set."""
-    filtered = scaled
-    if top_k:
-        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
-        filtered = jnp.where(scaled < kth, -jnp.inf, filtered)
+def proposal_set(scaled: jax.Array, top_k: int, top_p: float) -> tuple[jax.Array, jax.Array]:
+    """LMDeploy's proposal set, on a copy of ``scaled [N, vocab]`` sorted best first: the
+    ``top_k`` best tokens by rank (exactly k, ties at the k-th score included in sort order; all
+    when 0), then those whose probability mass before them is at most ``top_p`` (the best always
+    stays). Returns the sorted logits, ``-inf`` outside the set, and their token ids."""
+    if top_k and top_k < scaled.shape[-1]:
+        scores, ids = jax.lax.top_k(scaled, top_k)
+    else:
+        ids = jnp.argsort(scaled, axis=-1, descending=True, stable=True)
+        scores = jnp.take_along_axis(scaled, ids, axis=-1)
     if top_p < 1:
-        sorted_desc = -jnp.sort(-filtered, axis=-1)
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        # the smallest prefix whose mass reaches top_p (the most likely token always stays)
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        filtered = jnp.where(filtered < cutoff, -jnp.inf, filtered)
-    return filtered
+        probs = jax.nn.softmax(scores, axis=-1)
+        beyond = (jnp.cumsum(probs, axis=-1) - probs) > top_p
+        scores = jnp.where(beyond.at[..., 0].set(False), -jnp.inf, scores)
+    return scores, ids
 
 
-def constrain_logits(logits: jax.Array, response_index: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """``-inf`` for banned tokens everywhere, and for stop tokens at response positions
-    (``response_index``, 0-based, one per row of ``logits``) below ``min_new_tokens``."""
+def constrain_logits(logits: jax.Array, generated_before: jax.Array, cfg: SamplingConfig
+                     ) -> jax.Array:
+    """``-inf`` for banned tokens everywhere, and for stop tokens while ``min_new_tokens`` is
+    unmet: in every position of a block whose row had generated fewer tokens before it
+    (``generated_before``, one per row of ``logits``), as LMDeploy's per-block ``num_ignore_eos``."""
     if cfg.banned_ids:
         logits = logits.at[..., jnp.asarray(cfg.banned_ids)].set(-jnp.inf)
     if cfg.min_new_tokens and cfg.stop_ids:
-        early = (response_index < cfg.min_new_tokens)[..., None]
+        early = (generated_before < cfg.min_new_tokens)[..., None]
         is_stop = jnp.zeros(logits.shape[-1], bool).at[jnp.asarray(cfg.stop_ids)].set(True)
         logits = jnp.where(early & is_stop, -jnp.inf, logits)
     return logits
@@ -114,8 +117,12 @@ def propose(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> tuple[ja
         return jnp.argmax(logits, axis=-1), jnp.max(jax.nn.log_softmax(logits, axis=-1), axis=-1)
     scaled = logits / cfg.temperature
     logp = jax.nn.log_softmax(scaled, axis=-1)
-    filtered = filter_logits(scaled, cfg.top_k, cfg.top_p)
-    candidates = jax.vmap(jax.random.categorical)(keys, filtered)
+    if cfg.top_k or cfg.top_p < 1:
+        scores, ids = proposal_set(scaled, cfg.top_k, cfg.top_p)
+        ranks = jax.vmap(jax.random.categorical)(keys, scores)
+        candidates = jnp.take_along_axis(ids, ranks[..., None], axis=-1)[..., 0]
+    else:
+        candidates = jax.vmap(jax.random.categorical)(keys, scaled)
     return candidates, jnp.take_along_axis(logp, candidates[..., None], axis=-1)[..., 0]
 
 
