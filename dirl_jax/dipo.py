@@ -120,6 +120,19 @@ def worst_case_canvas_tokens(prompt_tokens: int, response_tokens: int, block_siz
     return prompt_tokens + response_tokens + block_size * block_size * blocks
 
 
+def max_trajectory_canvas_tokens(max_prompt_tokens: int, max_new_tokens: int, block_size: int) -> int:
+    """The most canvas slots any rollout trajectory can need: over every prompt length up to
+    ``max_prompt_tokens``, the decoder's longest response (it finishes the block in which
+    ``max_new_tokens`` is reached, so up to ``block_size - 1`` more) decoded one token per step.
+    The maximum lies among the last ``block_size`` prompt lengths (longer prompts add slots; the
+    prompt's offset in its block decides how many blocks the response touches)."""
+    def longest_response(prompt: int) -> int:
+        return -(-(prompt + max_new_tokens) // block_size) * block_size - prompt
+
+    return max(worst_case_canvas_tokens(p, longest_response(p), block_size)
+               for p in range(max(1, max_prompt_tokens - block_size + 1), max_prompt_tokens + 1))
+
+
 def pack_rounds(trajectories: Sequence[Trajectory], *, block_size: int, mask_token_id: int,
                 row_length: int) -> PackedRounds:
     """First-fit packs the single-pass multi-round layouts of ``trajectories`` into canvas rows."""

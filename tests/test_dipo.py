@@ -178,6 +178,24 @@ def test_worst_case_canvas_tokens_bounds_one_token_per_step(prompt_len, response
         assert packed.tokens_per_trajectory[0] == bound
 
 
+@pytest.mark.parametrize("block", [2, 4])
+def test_the_canvas_bound_holds_for_every_prompt_up_to_the_cap(block):
+    """Every prompt length up to the cap, with the decoder's longest response (to the end of the
+    block where ``max_new_tokens`` is reached) decoded one token per step, fits the bound; the
+    bound is tight to within one block's copies."""
+    for cap, max_new in ((7, 5), (9, 8), (12, 3), (13, 16)):
+        bound = dipo.max_trajectory_canvas_tokens(cap, max_new, block)
+        sizes = []
+        for prompt in range(1, cap + 1):
+            response = -(-(prompt + max_new) // block) * block - prompt
+            traj = dipo.Trajectory(list(range(prompt)), [1] * response, list(range(1, response + 1)),
+                                   response)
+            packed = dipo.pack_rounds([traj], block_size=block, mask_token_id=0, row_length=10**6)
+            sizes.append(int(packed.tokens_per_trajectory[0]))
+        assert max(sizes) <= bound, (cap, max_new)
+        assert bound - max(sizes) < block * block, (cap, max_new)
+
+
 def test_pack_rounds_rejects_bad_inputs():
     traj = dipo.Trajectory([1, 2], [3, 4], [1], 2)
     with pytest.raises(ValueError, match="step_map"):

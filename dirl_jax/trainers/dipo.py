@@ -161,14 +161,15 @@ def pack_groups(groups: list[dict[str, Any]], model_config, config: ConfigDict
 
 def check_canvas_fits(config: ConfigDict, block_size: int) -> None:
     """With a prompt cap, one canvas row must hold any trajectory's single-pass layout
-    (:func:`dirl_jax.dipo.worst_case_canvas_tokens`: one token committed per step)."""
+    (:func:`dirl_jax.dipo.max_trajectory_canvas_tokens`: one token committed per step)."""
     r = config.rollout
     if not r.max_prompt_tokens:
         return
-    need = dipo.worst_case_canvas_tokens(r.max_prompt_tokens, r.max_new_tokens, block_size)
+    need = dipo.max_trajectory_canvas_tokens(r.max_prompt_tokens, r.max_new_tokens, block_size)
     check(config.train.row_length >= need, "train.row_length",
-          f"({config.train.row_length}) cannot hold a trajectory of {r.max_prompt_tokens} prompt + "
-          f"{r.max_new_tokens} response tokens decoded one token per step ({need} canvas slots)")
+          f"({config.train.row_length}) cannot hold a trajectory of up to {r.max_prompt_tokens} "
+          f"prompt + {r.max_new_tokens} new tokens (to the end of their block) decoded one token "
+          f"per step ({need} canvas slots)")
 
 
 def check_log_ratio(value: float, limit: float, step: int) -> None:
