@@ -241,6 +241,10 @@ def check_dipo_fields(config: ConfigDict) -> None:
     check(r.commit in COMMIT_MODES, "rollout.commit",
           f"must be one of {', '.join(COMMIT_MODES)}, got {r.commit!r}")
     check(r.group_size > 1, "rollout.group_size", f"must be > 1 (group advantages), got {r.group_size}")
+    check(r.min_new_tokens == 0, "rollout.min_new_tokens",
+          f"must be 0 in DiPO, got {r.min_new_tokens}: barring stop tokens changes the policy that "
+          "samples, and the trainer scores tokens under the unconstrained one (DiRL's rollouts set "
+          "none, DIRL_SPEC §2.2)")
     check(t.advantage in ("zscore", "center"), "train.advantage",
           f"must be 'zscore' or 'center', got {t.advantage!r}")
     check(t.ppo_iterations > 0, "train.ppo_iterations", "must be positive")

@@ -112,6 +112,10 @@ def test_bad_dipo_config_names_the_field(tmp_path):
     with pytest.raises(ConfigValueError, match="config.rollout.group_size: must be > 1"):
         run_dipo(config)
     config.rollout.group_size = 2
+    config.rollout.min_new_tokens = 8  # the sampler's log-probs would not be the trainer's
+    with pytest.raises(ConfigValueError, match="config.rollout.min_new_tokens: must be 0 in DiPO"):
+        run_dipo(config)
+    config.rollout.min_new_tokens = 0
     config.train.loss_aggregation = "mean"
     with pytest.raises(ConfigValueError, match="config.train.loss_aggregation: must be one of"):
         run_dipo(config)
