@@ -11,10 +11,12 @@ from ml_collections import ConfigDict
 
 
 def learning_rate_schedule(train: ConfigDict) -> optax.Schedule:
-    """Linear warmup reaching the peak at step ``warmup_steps`` then cosine decay to
-    ``min_lr_ratio * peak`` (or constant). The first update already has a non-zero rate (the
-    original's warmup starts at 0 and wastes its first update — DIRL_SPEC §8.5)."""
-    peak, warmup, total = train.learning_rate, train.warmup_steps, train.num_steps
+    """Linear warmup reaching the peak at update ``warmup_steps`` then cosine decay to
+    ``min_lr_ratio * peak`` (or constant), counted in optimizer updates (DIRL_SPEC §4.7's logical
+    steps): ``num_steps x ppo_iterations`` of them in DiPO. The first update already has a
+    non-zero rate (the original's warmup starts at 0 and wastes its first update — §8.5)."""
+    peak, warmup = train.learning_rate, train.warmup_steps
+    total = train.num_steps * train.get("ppo_iterations", 1)
 
     def schedule(step: jax.Array) -> jax.Array:
         step = jnp.asarray(step, jnp.float32)
@@ -26,6 +28,20 @@ def learning_rate_schedule(train: ConfigDict) -> optax.Schedule:
         return peak * warm * cosine
 
     return schedule
+
+
+_UPDATE_COUNTERS = (optax.ScaleByScheduleState, optax.ScaleByAdamState)
+
+
+def updates_so_far(opt_state: Any) -> jax.Array:
+    """The optimizer's own update counter, the step its learning-rate schedule is at (0 before
+    the first update; steps skipped without an update do not count)."""
+    def is_counter(x: Any) -> bool:
+        return isinstance(x, _UPDATE_COUNTERS)
+    counters = [s for s in jax.tree.leaves(opt_state, is_leaf=is_counter) if is_counter(s)]
+    if not counters:
+        raise ValueError("the optimizer state has no update counter (an optax schedule or Adam state)")
+    return counters[0].count
 
 
 def decay_mask(params: Any, decay_norms: bool) -> Any:

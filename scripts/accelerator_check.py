@@ -410,7 +410,7 @@ def time_train_step(ctx: Context, box: TimeBox) -> dict[str, Any]:
         carry = {"params": state, "opt": on_mesh(tx.init(state), ctx.mesh)}
 
         def run():
-            carry["params"], carry["opt"], metrics = step(carry["params"], carry["opt"], batch, data["key"], 0)
+            carry["params"], carry["opt"], metrics = step(carry["params"], carry["opt"], batch, data["key"])
             return metrics["loss"]
         try:
             start = time.perf_counter()
@@ -505,7 +505,7 @@ def time_dipo_update(ctx: Context, box: TimeBox) -> dict[str, Any]:
     carry = {"params": state, "opt": on_mesh(tx.init(state), ctx.mesh)}
 
     def run():
-        carry["params"], carry["opt"], stats = updater.step(carry["params"], carry["opt"], [batch], 0)
+        carry["params"], carry["opt"], stats = updater.step(carry["params"], carry["opt"], [batch])
         return stats["loss"]
     start = time.perf_counter()
     run()

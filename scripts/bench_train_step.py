@@ -99,7 +99,7 @@ def jax_step(model: SDARForCausalLM, data: dict[str, Any], impl: str) -> Callabl
 
     def run():
         state["params"], state["opt"], metrics = step(state["params"], state["opt"], batch,
-                                                      data["key"], 0)
+                                                      data["key"])
         return metrics["loss"]
 
     run.step, run.args = step, lambda: (state["params"], state["opt"], batch, data["key"], 0)

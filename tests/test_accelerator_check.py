@@ -122,11 +122,11 @@ def test_the_training_step_halves_its_rows_on_out_of_memory(monkeypatch):
     def oom_above_one_row(*args):
         step = real(*args)
 
-        def run(params, opt, batch, key, i):
+        def run(params, opt, batch, key):
             attempts.append(batch["tokens"].shape[1])
             if batch["tokens"].shape[1] > 1:
                 raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-            return step(params, opt, batch, key, i)
+            return step(params, opt, batch, key)
         return run
     monkeypatch.setattr(check, "make_train_step", oom_above_one_row)
     ctx = check.Context(shapes=check.SMOKE, platform="cpu", kernel="tiled", peak=1e9, train_rows=4,

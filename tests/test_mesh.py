@@ -43,7 +43,7 @@ def one_update(config, shape, devices, local_batch, seed):
     opt_state = mesh_lib.on_mesh(tx.init(params), mesh)
     step = make_train_step(graphdef, tx, config, model_config)
     batch = mesh_lib.global_batch({k: v[None] for k, v in local_batch.items()}, mesh, row_axis=1)
-    new_params, _, metrics = step(params, opt_state, batch, jax.random.key(seed), 0)
+    new_params, _, metrics = step(params, opt_state, batch, jax.random.key(seed))
     return params, jax.device_get(new_params), jax.device_get(metrics)
 
 

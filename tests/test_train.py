@@ -45,6 +45,33 @@ def tiny_run_config(run_dir, **train_overrides):
     return config
 
 
+def test_sft_logs_the_rate_each_update_applies(tmp_path, seed):
+    """Logged rates follow the optimizer's own counter (half the peak, then the peak, with two
+    warmup updates), and the first is the step Adam takes: max |change| of any weight."""
+    tokenizer = toy.toy_tokenizer()
+    config = tiny_run_config(tmp_path, weight_decay=0.0)  # lr 3e-3, 2 warmup updates, constant
+    records, _ = run_lib.sft_records(config)
+    examples, _ = sft_data.prepare_examples(records, tokenizer, block_size=4, max_length=96,
+                                            overlong="drop")
+    batch = next(iter(sft_data.packed_batches(examples, seq_len=96, rows=8, seed=seed, pad_id=0)))
+    model_config = run_lib.build_model_config(config, tokenizer)
+    model = run_lib.build_model(config, model_config, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(config.train)
+    step = make_train_step(graphdef, tx, config, model_config)
+    shaped = {k: jnp.asarray(v).reshape(1, 8, -1) for k, v in batch.items()}
+    opt_state, logged = tx.init(params), []
+    for k in range(3):
+        before = jax.device_get(params)
+        params, opt_state, metrics = step(params, opt_state, shaped, jax.random.key(seed + k))
+        logged.append(float(metrics["lr"]))
+        if k == 0:
+            moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(jax.device_get(params)),
+                                                                     jax.tree.leaves(before)))
+            assert moved == pytest.approx(logged[0], rel=1e-3)
+    np.testing.assert_allclose(logged, [1.5e-3, 3e-3, 3e-3], rtol=1e-6)
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, seed):
     tokenizer = toy.toy_tokenizer()
     config = tiny_run_config(tmp_path)
@@ -64,7 +91,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, seed):
         tx = make_optimizer(config.train)
         step = make_train_step(graphdef, tx, config, model_config)
         shaped = {k: jnp.asarray(v).reshape(accum, 8 // accum, -1) for k, v in batch.items()}
-        new_params, _, metrics = step(params, tx.init(params), shaped, jax.random.key(seed), 0)
+        new_params, _, metrics = step(params, tx.init(params), shaped, jax.random.key(seed))
         results.append((jax.device_get(new_params), jax.device_get(metrics)))
     (p1, m1), (p4, m4) = results
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
@@ -406,7 +433,7 @@ def test_sft_step_loss_is_normalised_by_supervised_not_masked_tokens(seed):
     tx = make_optimizer(config.train)
     step = make_train_step(graphdef, tx, config, model_config)
     shaped = {k: jnp.asarray(v, jnp.int32).reshape(accum, micro, length) for k, v in batch.items()}
-    _, _, metrics = step(params, tx.init(params), shaped, key, 0)
+    _, _, metrics = step(params, tx.init(params), shaped, key)
     assert masked.sum() < supervised.sum()  # ÷ #masked would give another value
     assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
     assert int(metrics["supervised_tokens"]) == supervised.sum()

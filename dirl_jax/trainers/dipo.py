@@ -197,7 +197,7 @@ def train_on_groups(updater: Updater, params, opt_state, reference, groups, mode
             check_log_ratio(row["log_ratio_abs_max"], t.max_log_ratio, step)
         batches = [{**b, "old_logp": o} for b, o in zip(batches, old)]
     for iteration in range(t.ppo_iterations):
-        params, opt_state, stats = updater.step(params, opt_state, batches, step)
+        params, opt_state, stats = updater.step(params, opt_state, batches)
         if iteration == 0 and t.old_logprobs == "sampler":
             row["log_ratio_abs_max"] = stats["log_ratio_abs_max"]
             check_log_ratio(row["log_ratio_abs_max"], t.max_log_ratio, step)

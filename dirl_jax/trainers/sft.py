@@ -74,7 +74,7 @@ def run_sft(config: ConfigDict) -> dict[str, Any]:
                                        for k, v in batch.items()}, mesh, row_axis=1)
         with jax.set_mesh(mesh):  # Pallas attention kernels then run per device
             params, opt_state, metrics = train_step(params, opt_state, batch,
-                                                    step_key(base_key, step), step)
+                                                    step_key(base_key, step))
         pending.append((step + 1, metrics, real_tokens))
         last = step + 1 == train.num_steps
         # rows reach metrics.jsonl before the checkpoint of their step: a resume never loses one

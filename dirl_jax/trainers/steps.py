@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 from dirl_jax import diffusion, dipo
 from dirl_jax import mesh as mesh_lib
 from dirl_jax.model import SDARConfig
-from dirl_jax.optim import learning_rate_schedule
+from dirl_jax.optim import learning_rate_schedule, updates_so_far
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ConfigDict,
@@ -40,7 +40,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         (value, parts), grads = jax.value_and_grad(numerator, has_aux=True)(params, micro_batch, row_keys)
         return grads, value, parts.num_supervised, parts.num_masked
 
-    def train_step(params, opt_state, batch, key, step):
+    def train_step(params, opt_state, batch, key):
         keys = jax.random.split(key, batch["tokens"].shape[0] * batch["tokens"].shape[1])
         keys = keys.reshape(batch["tokens"].shape[:2])  # one noise key per row of the global batch
         if batch["tokens"].shape[0] == 1:  # no accumulator: a zero-filled copy of the gradients saved
@@ -55,11 +55,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
             (grads, ce, supervised, masked), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
         denominator = jnp.maximum(supervised, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denominator, grads)
+        lr = schedule(updates_so_far(opt_state))  # the rate this update applies
         with jax.named_scope("optimizer"):
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
         metrics = {"loss": ce / denominator, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(step), "masked_fraction": masked / denominator,
+                   "lr": lr, "masked_fraction": masked / denominator,
                    "supervised_tokens": supervised}
         return params, opt_state, metrics
 
@@ -95,9 +96,9 @@ class Updater:
             return jax.tree.map(jnp.add, total, grads)
 
         @functools.partial(jax.jit, donate_argnums=1)  # params stay: the engine shares them
-        def apply(params, opt_state, grads, step):
+        def apply(params, opt_state, grads):
+            stats = {"grad_norm": optax.tree.norm(grads), "lr": schedule(updates_so_far(opt_state))}
             updates, opt_state = tx.update(grads, opt_state, params)
-            stats = {"grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
             return optax.apply_updates(params, updates), opt_state, stats
 
         @jax.jit
@@ -117,7 +118,7 @@ class Updater:
         with jax.set_mesh(self.mesh):
             return self._score(params, batch)
 
-    def step(self, params, opt_state, micro_batches: list[dict[str, jax.Array]], step: int):
+    def step(self, params, opt_state, micro_batches: list[dict[str, jax.Array]]):
         """One optimizer update over every micro-batch of the rollout batch."""
         total, per_batch = None, []
         with jax.set_mesh(self.mesh):  # Pallas attention kernels then run per device
@@ -125,7 +126,7 @@ class Updater:
                 grads, stats = self._gradients(params, batch)
                 total = grads if total is None else self._accumulate(total, grads)
                 per_batch.append(stats)
-            params, opt_state, stats = self._apply(params, opt_state, total, step)
+            params, opt_state, stats = self._apply(params, opt_state, total)
         per_batch, stats = jax.device_get((per_batch, stats))
         per_batch = [{k: float(v) for k, v in s.items()} for s in per_batch]
         stats = {**dipo.reduce_stats(per_batch), "loss": sum(s["loss"] for s in per_batch),
