@@ -77,9 +77,15 @@ def slow_match(*args):
     time.sleep(60)
 
 
-def response(text="", correct=True, num_tokens=10, max_tokens=100, truncated=False) -> Response:
+def response(text="", correct=True, num_tokens=10, max_tokens=100, truncated=False,
+             tokens_per_step=1.0, block_size=4) -> Response:
     return Response(text=text, correct=correct, num_tokens=num_tokens, max_tokens=max_tokens,
-                    truncated=truncated)
+                    truncated=truncated, tokens_per_step=tokens_per_step, block_size=block_size)
+
+
+def cosfn(x, horizon, a, b):
+    """DIRL_SPEC §3.2's ``cosfn``: b at x = 0, a at x = horizon."""
+    return b - (b - a) * (1 - math.cos(math.pi * x / horizon)) / 2
 
 
 def test_reward_values():
@@ -95,6 +101,34 @@ def test_reward_values():
     assert REWARDS["repetition"](response(text="a b c a b c")) == pytest.approx(-(1 - 3 / 4))
     assert REWARDS["length"](response(num_tokens=25)) == 0.25
     assert REWARDS["format"](response(text="<think>x</think> y")) == 1.0
+    assert REWARDS["format"](response(text="x</think> y")) == 0.0
+
+
+def test_think_format_is_the_originals():
+    """``<think>`` prepended when missing; the block must end a line (MULTILINE ``$``)."""
+    think = REWARDS["think_format"]
+    assert think(response(text="x</think>\n")) == 1.0
+    assert think(response(text="  <think>a</think>\nThe answer is 5<|im_end|>")) == 1.0
+    assert think(response(text="<think>x</think> The answer is \\boxed{5}<|im_end|>")) == 0.0
+    assert think(response(text="no think block at all")) == 0.0
+
+
+@pytest.mark.parametrize("num_tokens,want", [(10, 0.0), (50, 0.0), (75, -0.5), (100, -1.0)])
+def test_soft_overlong(num_tokens, want):
+    assert REWARDS["soft_overlong"](response(num_tokens=num_tokens)) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("tokens_per_step", [0.5, 1.0, 1.7, 2.5, 4.0, 6.0])
+@pytest.mark.parametrize("correct,truncated", [(True, False), (False, False), (True, True)])
+def test_speed_rewards_follow_the_spec(tokens_per_step, correct, truncated):
+    """§3.2: x = clip(tokens/step - 1, 0, B - 1); correct cosfn(x, B-1, 1.0, 0.5), wrong (or
+    truncated) cosfn(x, B-1, -0.5, 0.0); speed_penalty gives correct answers a flat 0.5."""
+    r = response(correct=correct, truncated=truncated, tokens_per_step=tokens_per_step, block_size=4)
+    x = min(max(tokens_per_step - 1, 0), 3)
+    right = correct and not truncated
+    want_speed = cosfn(x, 3, 1.0, 0.5) if right else cosfn(x, 3, -0.5, 0.0)
+    assert REWARDS["speed"](r) == pytest.approx(want_speed)
+    assert REWARDS["speed_penalty"](r) == pytest.approx(0.5 if right else cosfn(x, 3, -0.5, 0.0))
 
 
 def test_weighted_rewards_and_errors():

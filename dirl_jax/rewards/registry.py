@@ -25,6 +25,8 @@ class Response:
     num_tokens: int
     max_tokens: int
     truncated: bool
+    tokens_per_step: float  # the whole decoded response over its denoising steps
+    block_size: int
 
 
 def _cosine(x: float, horizon: float, at_end: float, at_start: float) -> float:
@@ -63,13 +65,51 @@ def length(r: Response) -> float:
     return 0.0 if r.truncated else r.num_tokens / r.max_tokens
 
 
-def think_format(r: Response) -> float:
+def think_block_first(r: Response) -> float:
+    """``format``: the response opens with a closed ``<think>`` block. The original's pattern
+    also demands that nothing but whitespace follow ``</think>``, which rewards answer-less
+    responses and is 0 on every real one (the text ends with ``<|im_end|>``, DIRL_SPEC §3.2)."""
     return float(re.match(r"^\s*<think>.*?</think>", r.text, re.DOTALL) is not None)
+
+
+def think_format(r: Response) -> float:
+    """The original's ``think_format``: ``<think>`` prepended when the text does not open with
+    it, then a closed think block ending a line (MULTILINE ``$``)."""
+    text = r.text if r.text.lstrip().startswith("<think>") else "<think>" + r.text
+    return float(re.match(r"^\s*<think>.*?</think>\s*$", text, re.DOTALL | re.MULTILINE) is not None)
+
+
+def soft_overlong(r: Response) -> float:
+    """0 up to half of ``max_tokens``, then falling linearly to -1 at ``max_tokens``."""
+    half = r.max_tokens / 2
+    return min(-(r.num_tokens - half) / half, 0.0)
+
+
+def _speed_wrong(x: float, horizon: int) -> float:
+    return _cosine(x, horizon, -0.5, 0.0) if horizon else 0.0
+
+
+def speed(r: Response) -> float:
+    """Rewards decoding more tokens per step: correct 0.5 at one token per step rising to 1.0
+    at a whole block per step; wrong 0 falling to -0.5."""
+    horizon = r.block_size - 1
+    x = min(max(r.tokens_per_step - 1, 0.0), horizon)
+    if not accuracy(r):
+        return _speed_wrong(x, horizon)
+    return _cosine(x, horizon, 1.0, 0.5) if horizon else 1.0
+
+
+def speed_penalty(r: Response) -> float:
+    """``speed`` for wrong responses, a flat 0.5 for correct ones."""
+    horizon = r.block_size - 1
+    return 0.5 if accuracy(r) else _speed_wrong(min(max(r.tokens_per_step - 1, 0.0), horizon), horizon)
 
 
 REWARDS: dict[str, Callable[[Response], float]] = {
     "accuracy": accuracy, "binary": binary, "cosine": cosine, "boxed": boxed,
-    "repetition": repetition, "length": length, "format": think_format,
+    "repetition": repetition, "length": length, "format": think_block_first,
+    "think_format": think_format, "soft_overlong": soft_overlong, "speed": speed,
+    "speed_penalty": speed_penalty,
 }
 
 

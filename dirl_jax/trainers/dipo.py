@@ -78,7 +78,8 @@ def generate_and_grade(engine: RolloutEngine, prompts: list[list[int]], answers:
                         workers=config.rewards.grade_workers)
     graded = [Response(text=text, correct=ok, num_tokens=result["length"],
                        max_tokens=config.rollout.max_new_tokens,
-                       truncated=result["finish_reason"] == "length" and not stop_ids & set(result["token_ids"]))
+                       truncated=result["finish_reason"] == "length" and not stop_ids & set(result["token_ids"]),
+                       tokens_per_step=result["tokens_per_step"], block_size=sampling.block_size)
               for text, ok, result in zip(texts, correct, results)]
     times["reward_s"] = time.time() - start
     merged: list[Any] = [None] * len(prompts)
