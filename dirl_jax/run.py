@@ -23,24 +23,25 @@ from ml_collections import ConfigDict
 from dirl_jax import mesh as mesh_lib
 from dirl_jax.attention import IMPLEMENTATIONS
 from dirl_jax.checkpoint import checkpoint_steps, restore_params
-from dirl_jax.config import (ConfigValueError, check, check_dipo_fields, check_model_block_size,
-                             check_sft_fields, resume_changes)
+from dirl_jax.config import (SPLIT_FIELDS, ConfigValueError, check, check_dipo_fields,
+                             check_model_block_size, check_sft_fields, resume_changes)
 from dirl_jax.dipo import AGGREGATIONS
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data import sft as sft_data
 from dirl_jax.data import toy
 from dirl_jax.data.records import DataError, read_records
 from dirl_jax.data.tokenizer import load_tokenizer
-from dirl_jax.metrics import MetricsWriter, start_run_dir
+from dirl_jax.metrics import MetricsWriter, start_run_dir, write_json_atomic
 from dirl_jax.model import SDARConfig, SDARForCausalLM, abstract_model, load_model, save_model
 from dirl_jax.model.hf_io import resolve_dtype
-from dirl_jax.model.paths import is_run_dir, resolve_model_dir
+from dirl_jax.model.paths import is_run_dir, resolve_model_dir, run_export_dir
 from dirl_jax.rollout.engine_names import engine_spec_problem
 from dirl_jax.rollout.sampler import SamplingConfig
 from dirl_jax.run_lock import lock_run_dir
 from dirl_jax.sharding import named_shardings
 
 BUILTIN_TOKENIZER = "builtin:toy"
+TRAINING_RECORD = "dirl_training.json"  # in an export: the task and data split its run trained on
 log = logging.getLogger(__name__)
 
 
@@ -272,7 +273,54 @@ def draw_curves(run_dir: str) -> None:
 
 def export(config: ConfigDict, model: SDARForCausalLM, model_config: SDARConfig, run_dir: str,
            tokenizer_dir: str) -> None:
-    """``RUN_DIR/export``: the final model as a HF SDAR directory, when ``export.enabled``."""
+    """``RUN_DIR/export``: the final model as a HF SDAR directory, when ``export.enabled``, with
+    the run's training record."""
     if config.export.enabled:
-        save_model(model, model_config, os.path.join(run_dir, "export"), tokenizer_dir=tokenizer_dir,
+        directory = os.path.join(run_dir, "export")
+        save_model(model, model_config, directory, tokenizer_dir=tokenizer_dir,
                    dtype=config.export.dtype, overwrite=True)
+        write_training_record(directory, config, run_dir)
+
+
+def write_training_record(directory: str, config: ConfigDict | Mapping[str, Any], run_dir: str) -> None:
+    """``TRAINING_RECORD`` in an exported model directory: the run, its task and its data
+    section, so a later stage starting from the export can check it keeps the held-out split."""
+    data = config["data"]
+    write_json_atomic(os.path.join(directory, TRAINING_RECORD),
+                      {"run_dir": os.path.abspath(run_dir), "task": config["task"],
+                       "data": data.to_dict() if isinstance(data, ConfigDict) else dict(data)})
+
+
+def training_data(model_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """Where the data section of the run that trained ``model_dir`` is written, and that section:
+    a run directory's config, an export's training record, or the config of the run an export
+    sits in; None for a model no run of this project trained."""
+    path = os.path.abspath(os.fspath(model_dir))
+    parent = os.path.dirname(path)
+    for file, applies in ((os.path.join(path, "config.json"), is_run_dir(path)),
+                          (os.path.join(path, TRAINING_RECORD), True),
+                          (os.path.join(parent, "config.json"),
+                           is_run_dir(parent) and run_export_dir(parent) == path)):
+        if applies and os.path.isfile(file):
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f).get("data")
+            return (file, data) if isinstance(data, dict) else None
+    return None
+
+
+def check_same_split(config: ConfigDict) -> None:
+    """On the built-in task, a run starting from a model that a built-in-task run trained must
+    hold out exactly the operand pairs that run held out, else its held-out problems could be ones
+    an earlier stage trained on. Every stage (SFT and DiPO, from a run directory or an export)
+    checks the one before it, so a chain keeps one split."""
+    if config.data.source != toy.BUILTIN_TASK or not config.init_from:
+        return
+    found = training_data(config.init_from)
+    if found is None or found[1].get("source") != toy.BUILTIN_TASK:
+        return
+    file, saved = found
+    for field in SPLIT_FIELDS:
+        check(saved.get(field) == config.data[field], f"data.{field}",
+              f"{config.data[field]!r} differs from {saved.get(field)!r}, the split of the run that "
+              f"trained init_from ({file}): the held-out split must stay the one every earlier "
+              "stage used")

@@ -1,6 +1,6 @@
 """The built-in task's one split by operand pair: held-out problems share no pair (in either
-order, under any template) with any training record of SFT or any DiPO prompt; DiPO refuses a
-split other than its SFT run's."""
+order, under any template) with any training record of SFT or any DiPO prompt; a stage refuses a
+split other than the one its init_from was trained on."""
 
 from __future__ import annotations
 
@@ -64,20 +64,49 @@ def test_sft_records_and_dipo_prompts_share_no_pair_with_the_held_out_set():
     assert all(a == str(sum(pair(q))) for q, a in zip(questions, answers))
 
 
-def test_dipo_refuses_a_split_other_than_its_sft_runs(tmp_path):
-    sft = sft_defaults()
-    (tmp_path / "config.json").write_text(json.dumps(sft.to_dict()))
-    dipo = dipo_defaults()
-    dipo.init_from = str(tmp_path)
-    dipo_train.check_same_split(dipo)  # the same split: fine
-    for field, value in (("builtin_max_operand", 19), ("split_seed", 1), ("builtin_eval_size", 100)):
-        changed = dipo_defaults()
-        changed.init_from = str(tmp_path)
-        changed.data[field] = value
-        with pytest.raises(ConfigValueError, match=f"config.data.{field}: .* differs from the SFT run's"):
-            dipo_train.check_same_split(changed)
-    changed.data.source = "prompts.jsonl"  # another task: nothing to compare
-    dipo_train.check_same_split(changed)
+def test_a_stage_refuses_a_split_other_than_its_init_froms(tmp_path):
+    """DiPO and SFT alike, from the run directory, its export, or a detached export carrying the
+    run's training record; another task, or a model no run trained, has nothing to compare."""
+    run = tmp_path / "sft"
+    (run / "export").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(sft_defaults().to_dict()))
+    (run / "export" / "config.json").write_text(json.dumps({"model_type": "sdar"}))
+    detached = tmp_path / "served"
+    detached.mkdir()
+    run_lib.write_training_record(str(detached), sft_defaults(), str(run))
+    assert json.loads((detached / run_lib.TRAINING_RECORD).read_text())["run_dir"] == str(run)
+    for start in (run, run / "export", detached):
+        for defaults in (dipo_defaults, sft_defaults):
+            config = defaults()
+            config.init_from = str(start)
+            run_lib.check_same_split(config)  # the same split: fine
+            for field, value in (("builtin_max_operand", 19), ("split_seed", 1), ("builtin_eval_size", 100)):
+                changed = defaults()
+                changed.init_from = str(start)
+                changed.data[field] = value
+                with pytest.raises(ConfigValueError, match=f"config.data.{field}: .* differs from .*, "
+                                                           "the split of the run that trained init_from"):
+                    run_lib.check_same_split(changed)
+            changed.data.source = "prompts.jsonl"  # another task: nothing to compare
+            run_lib.check_same_split(changed)
+    hf_model = tmp_path / "hf"
+    hf_model.mkdir()
+    (hf_model / "config.json").write_text(json.dumps({"model_type": "sdar"}))
+    config = sft_defaults()
+    config.init_from, config.data.split_seed = str(hf_model), 1
+    run_lib.check_same_split(config)
+
+
+def test_sft_and_dipo_check_the_split_before_anything_else(tmp_path, monkeypatch):
+    from dirl_jax.trainers import sft as sft_train
+    calls = []
+    monkeypatch.setattr(run_lib, "check_same_split", lambda config: calls.append(config.task) or 1 / 0)
+    for task, start in (("sft", sft_train.run_sft), ("dipo", dipo_train.run_dipo)):
+        config = sft_defaults() if task == "sft" else dipo_defaults()
+        config.update(run_dir=str(tmp_path / task), init_from=str(tmp_path), tokenizer="builtin:toy")
+        with pytest.raises(ZeroDivisionError):
+            start(config)
+    assert calls == ["sft", "dipo"]
 
 
 @pytest.mark.parametrize("a,b,width,expected", [

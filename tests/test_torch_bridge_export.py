@@ -111,6 +111,10 @@ def assert_params_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> N
 
 def test_export_of_a_run_is_its_latest_checkpoint_and_loads_everywhere(run_dir, tmp_path):
     out = pathlib.Path(export_for_serving(run_dir, tmp_path / "served", dtype="float32"))
+    for export in (out, run_dir / "export"):  # both carry the run's split
+        record = json.loads((export / "dirl_training.json").read_text())
+        assert (record["run_dir"], record["task"]) == (str(run_dir), "sft")
+        assert record["data"]["split_seed"] == 0 and record["data"]["source"] == "builtin:arithmetic"
     assert_params_equal(exported_params(out), checkpoint_params(run_dir, 2))
     assert_params_equal(load_file(out / "model.safetensors"),
                         load_file(run_dir / "export" / "model.safetensors"))

@@ -239,6 +239,8 @@ def export_for_serving(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         save_model(model, model_config, tmp, tokenizer_dir=tokenizer_dir, dtype=dtype, overwrite=True)
         add_config_class(tmp, dtype)
+        if resolved.run_dir:  # what the run trained on travels with its weights
+            run.write_training_record(tmp, run_config(resolved.run_dir), resolved.run_dir)
     return out_dir
 
 

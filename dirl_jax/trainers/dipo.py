@@ -25,9 +25,8 @@ from ml_collections import ConfigDict
 
 from dirl_jax import console, dipo, distributed, run
 from dirl_jax.checkpoint import start_or_resume
-from dirl_jax.config import SPLIT_FIELDS, check
+from dirl_jax.config import check
 from dirl_jax.data import rl as rl_data
-from dirl_jax.data import toy
 from dirl_jax.data.tokenizer import stop_token_ids
 from dirl_jax.evaluation.builtin import builtin_eval_runs, evaluate_builtin
 from dirl_jax.metrics import format_duration, read_metrics, write_json_atomic
@@ -39,22 +38,6 @@ from dirl_jax.run_lock import unlock_run_dir
 from dirl_jax.trainers.steps import Updater
 
 log = logging.getLogger(__name__)
-
-
-def check_same_split(config: ConfigDict) -> None:
-    """On the built-in task, a DiPO run from an SFT run directory must hold out exactly the operand
-    pairs that run held out (otherwise its held-out problems could be ones SFT trained on)."""
-    path = os.path.join(config.init_from, "config.json")  # a run directory's resolved config
-    if config.data.source != toy.BUILTIN_TASK or not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f).get("data")
-    if not isinstance(saved, dict) or saved.get("source") != toy.BUILTIN_TASK:
-        return
-    for field in SPLIT_FIELDS:
-        check(saved.get(field) == config.data[field], f"data.{field}",
-              f"{config.data[field]!r} differs from the SFT run's {saved.get(field)!r} ({path}): "
-              f"the held-out split must be the one the SFT run used")
 
 
 def generate_and_grade(engine: RolloutEngine, prompts: list[list[int]], answers: list[str],
@@ -209,7 +192,7 @@ def train_on_groups(updater: Updater, params, opt_state, reference, groups, mode
 def run_dipo(config: ConfigDict) -> dict[str, Any]:
     """Runs (or resumes) DiPO as configured; returns the last held-out evaluation (if any)."""
     run.validate_dipo(config)
-    check_same_split(config)
+    run.check_same_split(config)
     check(jax.process_count() == 1 or config.rollout.engine == "jax", "rollout.engine",
           f"a multi-host run decodes with the in-process engine ('jax'), got "
           f"{config.rollout.engine!r}; serve LMDeploy to a one-host trainer")

@@ -35,6 +35,7 @@ def step_key(base_key: jax.Array, step: int) -> jax.Array:
 def run_sft(config: ConfigDict) -> dict[str, Any]:
     """Runs (or resumes) SFT as configured; returns the final evaluation (if any)."""
     run.validate_sft(config)
+    run.check_same_split(config)
     tokenizer = run.build_tokenizer(config)
     train_records, eval_records = run.sft_records(config)
     examples, _ = sft_data.prepare_examples(
