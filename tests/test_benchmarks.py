@@ -134,3 +134,8 @@ def test_missing_files_and_fields_are_reported(tmp_path):
     path.write_text('{"question": "q", "ground_truth_answer": "1"}\n{bad\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.json:2: malformed JSON line"):
         load_benchmark("math500", path)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": 7, "problem": "p", "answer": "1"},
+                                              {"id": 8, "problem": "q", "answer": "2"},
+                                              {"id": 7, "problem": "r", "answer": "3"}])
+    with pytest.raises(DataError, match=r"d\.jsonl: records 0 and 2 share the id '7'"):
+        load_benchmark("math500", path)

@@ -128,3 +128,20 @@ def test_every_record_answers_its_own_question():
         answer = record["messages"][-1]["content"]
         assert answer == toy.worked_answer(a, b, 2) and record["answer"] == str(a + b)
         assert answer.endswith(f"\\boxed{{{a + b}}}")
+
+
+def test_the_held_out_eval_grades_the_response_up_to_its_stop_token(tmp_path, monkeypatch):
+    """Tokens decoded after the stop token in the final block are not part of the answer."""
+    from conftest import tiny_config
+    from dirl_jax.evaluation import builtin
+    tokenizer = toy.toy_tokenizer()
+    record = run_lib.sft_records(sft_defaults())[1][0]
+    answered = tokenizer.encode(rf"\boxed{{{record['answer']}}}") + [2]  # 2: <|im_end|>
+    after = tokenizer.encode(r"\boxed{0}")
+    monkeypatch.setattr(builtin, "decode_prompts", lambda *args, **kwargs: [
+        {"token_ids": answered + after, "length": len(answered), "tokens_per_step": 1.0}])
+    config = sft_defaults()
+    config.eval.num_examples = 1
+    result = builtin.evaluate_builtin(None, tiny_config(block_size=4), tokenizer, [record], config,
+                                      str(tmp_path))
+    assert result["correct"] == [1]

@@ -169,8 +169,14 @@ def load_benchmark(name: str, source: str | os.PathLike | None = None, *,
     records = read_records(source, split)
     if not records:
         raise DataError(f"{source}: no records")
-    return [to_question(name, record, i, f"{source}: record {i}")
-            for i, record in enumerate(records[:limit])]
+    questions = [to_question(name, record, i, f"{source}: record {i}")
+                 for i, record in enumerate(records[:limit])]
+    first_of: dict[str, int] = {}
+    for i, question in enumerate(questions):  # results are keyed by id: two questions, one id, one result
+        if first_of.setdefault(question.id, i) != i:
+            raise DataError(f"{source}: records {first_of[question.id]} and {i} share the id "
+                            f"{question.id!r}; expected one id per question")
+    return questions
 
 
 # A number as GSM8K responses write it: an optional sign and $, thousands commas, decimals. A minus

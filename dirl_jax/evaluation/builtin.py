@@ -58,7 +58,8 @@ def evaluate_builtin(model: SDARForCausalLM, model_config: SDARConfig, tokenizer
     prompts = [sft_data.encode_prompt(r["messages"][:-1], tokenizer) for r in records]
     results = decode_prompts(model, prompts, sampling, seed=0, slots=config.eval.batch_size,
                              pad_token_id=tokenizer.pad_token_id or 0) if prompts else []
-    correct = [int(extract_last_boxed(tokenizer.decode(result["token_ids"])) == record["answer"])
+    correct = [int(extract_last_boxed(tokenizer.decode(result["token_ids"][:result["length"]]))
+                   == record["answer"])
                for record, result in zip(records, results)]
     tokens_per_step = [result["tokens_per_step"] for result in results]
     accuracy = sum(correct) / max(len(records), 1)
