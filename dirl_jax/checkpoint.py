@@ -7,7 +7,9 @@ Orbax writes each step to a temporary directory and commits it atomically, so a 
 a save leaves the previous checkpoint usable. Every save also records a fingerprint of the
 train state's bits (:func:`fingerprint`) in its metadata; a restore recomputes it, and a step that
 does not match, or that orbax cannot read (truncated or missing files), is reported with its path
-and the next older step is tried, never silently nothing. A save that fails in orbax's
+and the next older step is tried, never silently nothing; once one restores, the unreadable newer
+steps are moved to ``<checkpoints>_unreadable/`` so the resumed run can save them again. A save
+that fails in orbax's
 background thread (a full disk, an I/O error) stops the run at the next step's
 :meth:`Checkpointer.save` call (or at :meth:`Checkpointer.wait`) with :class:`CheckpointWriteError`
 naming the step's directory.
@@ -140,23 +142,45 @@ class Checkpointer:
 
     def restore_latest_intact(self, abstract_state: Any, data_iterator: Any) -> tuple[Any, int]:
         """The newest committed step that restores intact, and its number (0: no checkpoint).
-        Each step that fails is logged with its path and problem; :class:`CheckpointCorrupt`
-        when every one fails."""
-        problems = []
+        Each step that fails is logged with its path and problem, and once an older step restores
+        it is moved aside (:meth:`set_aside`) so the resumed run can save those steps again;
+        :class:`CheckpointCorrupt` when every one fails."""
+        problems, unreadable = [], []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state, _ = self.restore(step, abstract_state, data_iterator)
             except Exception as e:  # noqa: BLE001 - reported, and the older step tried
                 problems.append(f"{self.step_dir(step)}: {type(e).__name__}: {e}")
+                unreadable.append(step)
                 log.warning("checkpoint %s cannot be restored (%s: %s); trying the previous one",
                             self.step_dir(step), type(e).__name__, e)
                 continue
             if problems:
                 print(f"skipped {len(problems)} unreadable checkpoint(s): " + "; ".join(problems), flush=True)
+                self.set_aside(unreadable)
             return state, step
         if problems:
             raise CheckpointCorrupt("no checkpoint can be restored: " + "; ".join(problems))
         return None, 0
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable ``steps`` to ``<checkpoints>_unreadable/`` (kept for inspection): left in
+        place, orbax would skip every interval save up to the newest of them and refuse the final
+        save of that step."""
+        directory = os.fspath(self.manager.directory)
+        aside = directory.rstrip(os.sep) + "_unreadable"
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target, copy = os.path.join(aside, str(step)), 1
+                while os.path.exists(target):  # set aside before: keep both
+                    target, copy = os.path.join(aside, f"{step}.{copy}"), copy + 1
+                os.replace(self.step_dir(step), target)
+                print(f"moved {self.step_dir(step)} to {target}", flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("dirl_jax: unreadable checkpoints set aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         """Blocks until the last save is committed (:class:`CheckpointWriteError` if it failed)."""

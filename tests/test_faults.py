@@ -17,6 +17,7 @@ import time
 import pytest
 
 from dirl_jax import metrics as metrics_lib
+from dirl_jax.checkpoint import checkpoint_steps
 from dirl_jax.run_lock import RunDirLocked, lock_run_dir, unlock_run_dir
 from dirl_jax.trainers import sft as sft_trainer
 from test_train import read_metrics, tiny_run_config
@@ -269,6 +270,27 @@ def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_resumes(tm
     assert f"{checkpoints / '2'}: " in out and f"resumed from {checkpoints / '1'}" in out
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
     assert [r["loss"] for r in read_metrics(tmp_path / "run")] == [r["loss"] for r in read_metrics(tmp_path / "straight")]
+    # the unreadable steps were moved aside and saved again by the resumed run
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints_unreadable").iterdir()) == ["2", "3"]
+    assert checkpoint_steps(checkpoints) == [1, 2, 3, 4]
+    unlock_run_dir(str(tmp_path / "run"))
+    from dirl_jax.checkpoint import restore_params
+    from dirl_jax.model import SDARConfig, abstract_model
+    from flax import nnx
+    abstract = nnx.state(abstract_model(SDARConfig.from_pretrained(tmp_path / "run" / "export")), nnx.Param)
+    restore_params(checkpoints, 3, abstract)  # intact now
+
+
+def test_a_corrupt_final_checkpoint_is_redone_by_the_rerun(tmp_path):
+    """The last step's checkpoint unreadable: the rerun resumes from the one before, trains the
+    last step again and saves it (orbax would refuse to save over the unreadable one)."""
+    config = checkpointed_run(tmp_path)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    corrupt_fingerprint(checkpoints / "3")
+    sft_trainer.run_sft(config)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert checkpoint_steps(checkpoints) == [1, 2, 3]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints_unreadable").iterdir()] == ["3"]
 
 
 def test_no_intact_checkpoint_is_an_error_never_a_fresh_start(tmp_path):
