@@ -131,6 +131,19 @@ def test_index_pointing_to_a_missing_file(tmp_path):
         load_model(tmp_path / "s", "float32")
 
 
+def test_a_truncated_shard_or_a_malformed_index_names_its_file(tmp_path):
+    config = tiny_config()
+    save_model(random_model(config, 0), config, tmp_path / "s", dtype="float32", max_shard_bytes=4000)
+    shard = next((tmp_path / "s").glob("model-00002-of-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{shard}: unreadable safetensors file"):
+        load_model(tmp_path / "s", "float32")
+    index = tmp_path / "s" / "model.safetensors.index.json"
+    index.write_text('{"weight_map": []}')
+    with pytest.raises(CheckpointError, match="'weight_map' must map tensor names to files, got a list"):
+        load_model(tmp_path / "s", "float32")
+
+
 def test_no_weights(saved):
     os.remove(saved / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="neither model.safetensors.index.json nor model.safetensors"):

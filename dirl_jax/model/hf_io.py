@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from dirl_jax.model.config import SDARConfig
@@ -77,6 +77,16 @@ def parameter_shapes(model: SDARForCausalLM) -> dict[str, tuple[int, ...]]:
 
 
 # ------------------------------------------------------------------------------- loading
+@contextlib.contextmanager
+def _open_safetensors(file: str) -> Iterator[Any]:
+    """``safe_open`` whose failures (a truncated or corrupt file) name the file."""
+    try:
+        with safe_open(file, framework="numpy") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from e
+
+
 def _weight_map(model_dir: str) -> dict[str, str]:
     """HF name -> safetensors file path."""
     index_path = os.path.join(model_dir, INDEX_FILE)
@@ -86,6 +96,9 @@ def _weight_map(model_dir: str) -> dict[str, str]:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: malformed index, expected a 'weight_map' ({e!r})") from e
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to files, got a "
+                                  f"{type(weight_map).__name__}")
         files = {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             if not os.path.isfile(file):
@@ -94,7 +107,7 @@ def _weight_map(model_dir: str) -> dict[str, str]:
     single = os.path.join(model_dir, SINGLE_FILE)
     if not os.path.isfile(single):
         raise FileNotFoundError(f"{model_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
-    with safe_open(single, framework="numpy") as f:
+    with _open_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
 
@@ -105,7 +118,7 @@ def _file_entries(files: dict[str, str]) -> dict[str, tuple[str, tuple[int, ...]
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with safe_open(file, framework="numpy") as f:
+        with _open_safetensors(file) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:
@@ -161,7 +174,7 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *, param_dtype: Any =
         by_file.setdefault(entries[hf_name(path_)][0], []).append((path_, var))
     loaded = []
     for file, items in by_file.items():
-        with safe_open(file, framework="numpy") as f:
+        with _open_safetensors(file) as f:
             for path_, var in items:
                 tensor = f.get_slice(hf_name(path_))
                 target = np.dtype(var.dtype)
