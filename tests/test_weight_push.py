@@ -247,6 +247,18 @@ def test_ipc_push_checks_before_sending_and_raises_server_errors(seed):
     assert server.paths() == ["/sleep", "/wakeup", "/update_weights"]  # left asleep
 
 
+def test_a_server_that_does_not_answer_is_a_server_error_naming_it(seed):
+    """Refused connections (a server down) come back as ServerError with the URL, so an agent
+    answers 502 with the reason instead of a bare 500."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    expected = parameter_shapes(random_model(tiny_config(), seed))
+    with pytest.raises(wp.ServerError, match=rf"POST http://127.0.0.1:{port}/sleep: no answer \(ConnectionError"):
+        wp.IPCWeightPusher(f"http://127.0.0.1:{port}", expected, devices=("cpu",)).push(tiny_params(seed))
+
+
 # ------------------------------------------------------------------------------ NCCL
 def test_nccl_request_bodies_and_flattening_order(seed, monkeypatch):
     params = tiny_params(seed)
@@ -407,7 +419,7 @@ def test_agent_rejects_wrong_names_and_shapes_before_pushing(seed):
 def test_parse_manifest_names_the_bad_entry():
     with pytest.raises(ValueError, match="'w': expected"):
         agent_lib.parse_manifest({"tensors": {"w": {"shape": [2, -1], "dtype": "bfloat16"}}})
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="tensor 'w': .*dtype"):
         agent_lib.parse_manifest({"tensors": {"w": {"shape": [2], "dtype": "int8"}}})
     with pytest.raises(ValueError, match="manifest"):
         agent_lib.parse_manifest([])

@@ -56,7 +56,11 @@ def parse_manifest(body: Any) -> dict[str, TensorSpec]:
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise ValueError(f"manifest: tensor {name!r}: expected "
                              f'{{"shape": [non-negative int, ...], "dtype": str}}, got {entry!r}')
-        manifest[name] = TensorSpec(name, tuple(shape), parse_dtype(str(entry.get("dtype"))))
+        try:
+            dtype = parse_dtype(str(entry.get("dtype")))
+        except ValueError as e:
+            raise ValueError(f"manifest: tensor {name!r}: {e}") from e
+        manifest[name] = TensorSpec(name, tuple(shape), dtype)
     return manifest
 
 

@@ -220,8 +220,12 @@ class _Endpoint:
         self.post = post
 
     def call(self, path: str, **kw: Any) -> Response:
-        """POSTs; a non-200 answer or ``{"success": false}`` raises ServerError with its message."""
-        response = self.post(self.url + path, **kw)
+        """POSTs; no answer (refused, timed out), a non-200 answer or ``{"success": false}``
+        raises ServerError with its message."""
+        try:
+            response = self.post(self.url + path, **kw)
+        except requests.RequestException as e:
+            raise ServerError(f"POST {self.url}{path}: no answer ({type(e).__name__}: {e})") from e
         if response.status_code != 200:
             raise ServerError(f"POST {self.url}{path}: HTTP {response.status_code}: "
                               f"{response.text.strip()[:4000]}")
