@@ -192,8 +192,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="largest request body (default: a chunk or the model's largest tensor "
                              "as fp32, whichever is larger, plus 1 MiB)")
     parser.add_argument("--sleep-level", type=int, choices=(0, 1, 2), default=2,
-                        help="/sleep level per update (0: update in place, no sleep/wakeup; "
-                             "2: every parameter must be pushed)")
+                        help="/sleep level per update (0: update in place, no sleep/wakeup, "
+                             "so the KV cache is not reset: not with a server that caches prefixes, "
+                             "LMDeploy issue #4917; 2: every parameter must be pushed)")
     parser.add_argument("--tp", type=int, default=1,
                         help="the server's TP size; TP rank r must run on cuda:r of this agent")
     return parser
