@@ -288,13 +288,14 @@ def write_training_record(directory: str, config: ConfigDict | Mapping[str, Any]
     data = config["data"]
     write_json_atomic(os.path.join(directory, TRAINING_RECORD),
                       {"run_dir": os.path.abspath(run_dir), "task": config["task"],
+                       "init_from": config["init_from"],
                        "data": data.to_dict() if isinstance(data, ConfigDict) else dict(data)})
 
 
-def training_data(model_dir: str) -> tuple[str, dict[str, Any]] | None:
-    """Where the data section of the run that trained ``model_dir`` is written, and that section:
-    a run directory's config, an export's training record, or the config of the run an export
-    sits in; None for a model no run of this project trained."""
+def training_record(model_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """The file recording how the model at ``model_dir`` was trained, and its contents (``data``
+    and ``init_from`` among them): a run directory's config, an export's training record, or the
+    config of the run an export sits in; None for a model no run of this project trained."""
     path = os.path.abspath(os.fspath(model_dir))
     parent = os.path.dirname(path)
     for file, applies in ((os.path.join(path, "config.json"), is_run_dir(path)),
@@ -303,9 +304,32 @@ def training_data(model_dir: str) -> tuple[str, dict[str, Any]] | None:
                            is_run_dir(parent) and run_export_dir(parent) == path)):
         if applies and os.path.isfile(file):
             with open(file, encoding="utf-8") as f:
-                data = json.load(f).get("data")
-            return (file, data) if isinstance(data, dict) else None
+                record = json.load(f)
+            return (file, record) if isinstance(record.get("data"), dict) else None
     return None
+
+
+def training_data(model_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """The ``data`` section of the run that trained ``model_dir`` and where it is written."""
+    found = training_record(model_dir)
+    return (found[0], found[1]["data"]) if found else None
+
+
+def trained_sources(model_dir: str) -> list[tuple[str, str]]:
+    """``(record file, data.source)`` of every stage that trained ``model_dir``, following
+    ``init_from`` back (SFT, then DiPO, ...) to a model no run of this project trained."""
+    sources: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    current = os.fspath(model_dir)
+    while current and os.path.abspath(current) not in seen:
+        seen.add(os.path.abspath(current))
+        found = training_record(current)
+        if found is None:
+            break
+        file, record = found
+        sources.append((file, str(record["data"].get("source", ""))))
+        current = record.get("init_from") or ""
+    return sources
 
 
 def check_same_split(config: ConfigDict) -> None:

@@ -106,6 +106,46 @@ def test_resume_after_a_kill_and_determinism_across_batches(tiny_model_dir, tmp_
         run_evaluation(small_config(tiny_model_dir, tmp_path / "a", min_new_tokens=8))
 
 
+def test_records_of_other_questions_or_weights_are_never_reused(tiny_model_dir, tmp_path):
+    """Another data file under the same ids, or new weights at the same model path, are refused
+    in an output directory that holds records of the old ones (they would count as the new)."""
+    from dirl_jax.data.records import DataError
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps({"id": i, "problem": f"{i} + 1?", "answer": str(i + 1)}) + "\n"
+                             for i in range(3)))
+    second.write_text("".join(json.dumps({"id": i, "problem": f"{i} + 2?", "answer": str(i + 2)}) + "\n"
+                              for i in range(3)))
+    out = tmp_path / "out"
+    run_evaluation(small_config(tiny_model_dir, out, benchmarks="math500", source=str(first)))
+    with pytest.raises(DataError, match="question '0' were made for another question or answer"):
+        run_evaluation(small_config(tiny_model_dir, out, benchmarks="math500", source=str(second)))
+    weights = tiny_model_dir / "model.safetensors"  # retrained: new weights at the same path
+    weights.write_bytes(weights.read_bytes())
+    with pytest.raises(ValueError, match="holds records of other settings \\(weights: "):
+        run_evaluation(small_config(tiny_model_dir, out, benchmarks="math500", source=str(first)))
+
+
+def test_a_benchmark_a_stage_trained_on_is_refused(tiny_model_dir, tmp_path):
+    """Following init_from back: DiPO (its export) from SFT that trained on the benchmark file."""
+    from dirl_jax.data.records import DataError
+    from dirl_jax.run import write_training_record
+    from dirl_jax.config import dipo_defaults, sft_defaults
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"id": 0, "problem": "1 + 1?", "answer": "2"}) + "\n")
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    config = sft_defaults()
+    config.data.source = str(bench)
+    (sft / "config.json").write_text(json.dumps(config.to_dict()))
+    dipo = dipo_defaults()
+    dipo.init_from = str(sft)
+    write_training_record(str(tiny_model_dir), dipo, str(tmp_path / "dipo"))
+    with pytest.raises(DataError, match=f"benchmark math500: {bench} is data that a stage of .* trained "
+                                        f"on \\(data.source in {sft / 'config.json'}\\)"):
+        run_evaluation(small_config(tiny_model_dir, tmp_path / "out", benchmarks="math500",
+                                    source=str(bench)))
+
+
 def test_bad_eval_config_names_the_field(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigValueError, match="config.benchmarks: unknown \\['math5000'\\]"):
         run_evaluation(small_config(tiny_model_dir, tmp_path, benchmarks="math5000"))

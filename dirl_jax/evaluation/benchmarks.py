@@ -119,6 +119,11 @@ def default_data_dir() -> pathlib.Path:
     return shared / "data" / "benchmarks"
 
 
+def benchmark_file(name: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Benchmark ``name``'s file in ``data_dir`` (default :func:`default_data_dir`)."""
+    return pathlib.Path(data_dir if data_dir is not None else default_data_dir()) / benchmark_spec(name).file
+
+
 def _record_id(record: dict[str, Any], index: int) -> str:
     return next((str(record[k]) for k in ID_FIELDS if record.get(k) is not None), str(index))
 
@@ -157,11 +162,11 @@ def load_benchmark(name: str, source: str | os.PathLike | None = None, *,
     ``source`` is a JSONL / JSON / Parquet file or a HF datasets name (``split`` applies to the
     latter); by default the benchmark's file in ``data_dir`` (default :func:`default_data_dir`).
     """
-    spec = benchmark_spec(name)
+    benchmark_spec(name)  # an unknown name fails before any file is read
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of questions, got {limit}")
     if source is None:
-        source = pathlib.Path(data_dir if data_dir is not None else default_data_dir()) / spec.file
+        source = benchmark_file(name, data_dir)
         if not source.is_file():
             raise FileNotFoundError(f"{source}: {name} benchmark file not found (set DIRL_BENCHMARK_DIR "
                                     "or pass data_dir or source)")

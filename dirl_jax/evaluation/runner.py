@@ -9,6 +9,7 @@ restart: a resumed run skips the finished records and produces the same files.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from typing import Any, Sequence
@@ -23,10 +24,12 @@ from dirl_jax.config import benchmark_names, check, check_eval_fields, eval_deco
 from dirl_jax.data import rl as rl_data
 from dirl_jax.data.tokenizer import load_tokenizer
 from dirl_jax.evaluation import records as records_lib
-from dirl_jax.evaluation.benchmarks import BENCHMARKS, Question, grade_answers, load_benchmark
+from dirl_jax.data.records import DataError
+from dirl_jax.evaluation.benchmarks import (BENCHMARKS, Question, benchmark_file, grade_answers,
+                                            load_benchmark)
 from dirl_jax.evaluation.report import summarize, write_report
 from dirl_jax.model import load_model
-from dirl_jax.model.hf_io import resolve_dtype
+from dirl_jax.model.hf_io import resolve_dtype, weights_signature
 from dirl_jax.model.paths import resolve_model_dir
 from dirl_jax.rollout.engine import make_engine
 from dirl_jax.rollout.sampler import SamplingConfig
@@ -69,6 +72,36 @@ def sampling_config(config: ConfigDict, tokenizer, block_size: int, mask_token_i
         attn_impl=config.attention_impl)
 
 
+def check_not_trained_on(model: str, files: dict[str, str]) -> None:
+    """A DataError when a benchmark's file is data that some stage of ``model`` trained on
+    (``data.source`` along its ``init_from`` chain): a result there is not held out."""
+    for record_file, source in run.trained_sources(model):
+        if not os.path.isfile(source):
+            continue
+        for benchmark, file in files.items():
+            if os.path.isfile(file) and os.path.samefile(source, file):
+                raise DataError(f"benchmark {benchmark}: {file} is data that a stage of {model} trained "
+                                f"on (data.source in {record_file}); a result on it would not be held out")
+
+
+def question_digest(question: Question) -> str:
+    """Ties a record to the question text and gold answer it was made for."""
+    return hashlib.sha256(json.dumps([question.question, question.answer]).encode()).hexdigest()[:16]
+
+
+def check_records_match(output_dir: str, questions: Sequence[Question],
+                        done: dict[tuple[str, str, int], Any]) -> None:
+    """A DataError when ``output_dir`` holds records of a question id made for another question
+    or answer (another data file under the same ids): they would be counted as this one's."""
+    digests = {(q.benchmark, q.id): question_digest(q) for q in questions}
+    for (benchmark, question_id, _), record in done.items():
+        want = digests.get((benchmark, question_id))
+        if want is not None and record.get("question_digest") != want:
+            raise DataError(f"{output_dir}: its records of {benchmark} question {question_id!r} were "
+                            "made for another question or answer (a different data source?); use a "
+                            "new output_dir or delete it")
+
+
 def pending_work(questions: Sequence[Question], samples: int,
                  done: dict[tuple[str, str, int], Any]) -> list[tuple[Question, int]]:
     return [(q, s) for q in questions for s in range(samples)
@@ -89,15 +122,19 @@ def run_evaluation(config: ConfigDict) -> dict[str, dict[str, Any]]:
     questions = [q for b in benchmarks for q in load_benchmark(
         b, config.source or None, data_dir=config.data_dir or None, limit=config.limit or None)]
     template = config.prompt_template or rl_data.DEFAULT_TEMPLATE
+    check_not_trained_on(config.model, {b: config.source or os.fspath(benchmark_file(b, config.data_dir or None))
+                                        for b in benchmarks})
 
     os.makedirs(config.output_dir, exist_ok=True)
     settings = {"model": os.path.abspath(path) if os.path.exists(config.model) else config.model,
+                "weights": weights_signature(path), "tokenizer": config.tokenizer,
                 "engine": config.engine, "seed": config.seed, "prompt_template": template,
                 "compute_dtype": config.compute_dtype, **eval_decoding(config),
                 "max_new_tokens": config.max_new_tokens}
     if jax.process_index() == 0:
         records_lib.check_settings(config.output_dir, settings)
     done = records_lib.read_records(config.output_dir)
+    check_records_match(config.output_dir, questions, done)
     work = pending_work(questions, config.samples_per_question, done)
     devices = jax.devices()
     console.say([f"evaluate: {config.model} on {', '.join(benchmarks)} ({len(questions)} questions x "
@@ -144,7 +181,8 @@ def graded_records(chunk: Sequence[tuple[Question, int]], results: Sequence[dict
     verdicts = grade_answers([(q.benchmark, text, q.answer) for (q, _), text in zip(chunk, responses)],
                              timeout=config.grade_timeout, latex_fallback=config.latex_fallback,
                              workers=config.grade_workers)
-    return [{"benchmark": q.benchmark, "question_id": q.id, "sample": sample, "response": response,
+    return [{"benchmark": q.benchmark, "question_id": q.id, "question_digest": question_digest(q),
+             "sample": sample, "response": response,
              "extracted": extracted, "gold": q.answer, "correct": bool(correct),
              "length": result["length"], "tokens_per_step": result["tokens_per_step"],
              "num_steps": result["num_steps"], "finish_reason": result["finish_reason"]}

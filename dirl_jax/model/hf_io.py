@@ -9,6 +9,7 @@ a temporary directory that is renamed into place at the end.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -77,6 +78,16 @@ def parameter_shapes(model: SDARForCausalLM) -> dict[str, tuple[int, ...]]:
 
 
 # ------------------------------------------------------------------------------- loading
+def weights_signature(model_dir: str) -> str:
+    """A digest of the names, sizes and modification times of ``model_dir``'s weight files:
+    it changes when the weights at that path are replaced (without reading them)."""
+    entries = sorted((name, os.stat(os.path.join(model_dir, name)).st_size,
+                      os.stat(os.path.join(model_dir, name)).st_mtime_ns)
+                     for name in os.listdir(model_dir)
+                     if name.endswith(".safetensors") or name == INDEX_FILE)
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
 @contextlib.contextmanager
 def _open_safetensors(file: str) -> Iterator[Any]:
     """``safe_open`` whose failures (a truncated or corrupt file) name the file."""
