@@ -51,7 +51,7 @@ class ScriptedEngine:
             ids = self.tokenizer.encode(f"\\boxed{{{i if right else -1}}}", add_special_tokens=False)
             ids = ids if truncated else ids + [stop]
             results.append({"token_ids": ids, "step_map": list(range(1, len(ids) + 1)),
-                            "logprobs": [0.0] * len(ids), "length": len(ids),
+                            "logprobs": [0.0] * len(ids), "length": len(ids), "tokens_per_step": 1.0,
                             "finish_reason": "length" if truncated else "stop"})
         return results
 
