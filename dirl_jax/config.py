@@ -285,6 +285,7 @@ def eval_defaults() -> ConfigDict:
     config.benchmarks = "math500,gsm8k,aime24,aime25,olympiadbench"  # comma-separated
     config.data_dir = ""                  # default: the shared benchmark files (DIRL_BENCHMARK_DIR)
     config.source = ""                    # one file or HF dataset name (with a single benchmark)
+    config.source_split = ""              # HF dataset split; "" = "test" if it has one, else its only split
     config.prompt_template = ""           # "" = DiRL's prompt (DIRL_SPEC §2.1)
     config.limit = 0                      # first N questions per benchmark; 0 = all
     config.samples_per_question = 16      # k: accuracy is the mean pass@1 over k samples

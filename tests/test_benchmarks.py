@@ -139,3 +139,20 @@ def test_missing_files_and_fields_are_reported(tmp_path):
                                               {"id": 7, "problem": "r", "answer": "3"}])
     with pytest.raises(DataError, match=r"d\.jsonl: records 0 and 2 share the id '7'"):
         load_benchmark("math500", path)
+
+
+def test_a_hub_dataset_is_scored_on_its_test_split_unless_told(monkeypatch):
+    """No split named: ``test`` when the dataset has one, else its only split; several without
+    ``test`` is an error naming them; a named split is taken as is."""
+    import datasets
+    splits = {"org/both": ["train", "test"], "org/one": ["train"], "org/many": ["train", "validation"]}
+    loaded = []
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda source: splits[source])
+    monkeypatch.setattr(datasets, "load_dataset", lambda source, split: loaded.append((source, split)) or
+                        [{"problem": "q", "answer": "1"}])
+    load_benchmark("math500", "org/both")
+    load_benchmark("math500", "org/one")
+    load_benchmark("math500", "org/many", split="validation")
+    assert loaded == [("org/both", "test"), ("org/one", "train"), ("org/many", "validation")]
+    with pytest.raises(DataError, match="org/many: splits train, validation and none is 'test'"):
+        load_benchmark("math500", "org/many")

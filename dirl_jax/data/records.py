@@ -38,7 +38,8 @@ def _json_lines(source: str) -> list[Any]:
 
 
 def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """Records from a ``.jsonl`` / ``.json`` / ``.parquet`` file or a HF datasets name/path."""
+    """Records from a ``.jsonl`` / ``.json`` / ``.parquet`` file or a HF datasets name/path
+    (``split`` of the latter; ``""``: its ``test`` split, else its only one)."""
     if source.endswith((".jsonl", ".json")):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"{source}: dataset file not found")
@@ -63,4 +64,15 @@ def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
         raise ImportError(f"reading {source!r} needs the `datasets` package (pip install datasets)") from e
     if source.endswith(".parquet"):
         return list(datasets.load_dataset("parquet", data_files=source, split="train"))
-    return list(datasets.load_dataset(source, split=split))
+    return list(datasets.load_dataset(source, split=split or default_split(source)))
+
+
+def default_split(source: str) -> str:
+    """The split a benchmark is scored on when none is named: ``test`` if the dataset has one,
+    else its only split; a DataError naming the splits otherwise."""
+    import datasets
+    names = datasets.get_dataset_split_names(source)
+    if "test" in names or len(names) == 1:
+        return "test" if "test" in names else names[0]
+    raise DataError(f"{source}: splits {', '.join(names)} and none is 'test'; name one "
+                    "(the evaluation's source_split)")

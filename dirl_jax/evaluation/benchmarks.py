@@ -156,11 +156,12 @@ def to_question(name: str, record: Any, index: int, where: str) -> Question:
 
 def load_benchmark(name: str, source: str | os.PathLike | None = None, *,
                    data_dir: str | os.PathLike | None = None, limit: int | None = None,
-                   split: str = "train") -> list[Question]:
+                   split: str = "") -> list[Question]:
     """The first ``limit`` (default all) questions of benchmark ``name``.
 
     ``source`` is a JSONL / JSON / Parquet file or a HF datasets name (``split`` applies to the
-    latter); by default the benchmark's file in ``data_dir`` (default :func:`default_data_dir`).
+    latter: by default its ``test`` split, else its only one); by default the benchmark's file in
+    ``data_dir`` (default :func:`default_data_dir`).
     """
     benchmark_spec(name)  # an unknown name fails before any file is read
     if limit is not None and limit < 1:

@@ -120,7 +120,8 @@ def run_evaluation(config: ConfigDict) -> dict[str, dict[str, Any]]:
                          tokenizer=config.tokenizer or path, options={k: v for k, v in config.engine_options.items() if v})
     benchmarks = benchmark_names(config)
     questions = [q for b in benchmarks for q in load_benchmark(
-        b, config.source or None, data_dir=config.data_dir or None, limit=config.limit or None)]
+        b, config.source or None, data_dir=config.data_dir or None, limit=config.limit or None,
+        split=config.source_split)]
     template = config.prompt_template or rl_data.DEFAULT_TEMPLATE
     check_not_trained_on(config.model, {b: config.source or os.fspath(benchmark_file(b, config.data_dir or None))
                                         for b in benchmarks})
