@@ -309,12 +309,6 @@ def training_record(model_dir: str) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
-def training_data(model_dir: str) -> tuple[str, dict[str, Any]] | None:
-    """The ``data`` section of the run that trained ``model_dir`` and where it is written."""
-    found = training_record(model_dir)
-    return (found[0], found[1]["data"]) if found else None
-
-
 def trained_sources(model_dir: str) -> list[tuple[str, str]]:
     """``(record file, data.source)`` of every stage that trained ``model_dir``, following
     ``init_from`` back (SFT, then DiPO, ...) to a model no run of this project trained."""
@@ -339,10 +333,10 @@ def check_same_split(config: ConfigDict) -> None:
     checks the one before it, so a chain keeps one split."""
     if config.data.source != toy.BUILTIN_TASK or not config.init_from:
         return
-    found = training_data(config.init_from)
-    if found is None or found[1].get("source") != toy.BUILTIN_TASK:
+    found = training_record(config.init_from)
+    if found is None or found[1]["data"].get("source") != toy.BUILTIN_TASK:
         return
-    file, saved = found
+    file, saved = found[0], found[1]["data"]
     for field in SPLIT_FIELDS:
         check(saved.get(field) == config.data[field], f"data.{field}",
               f"{config.data[field]!r} differs from {saved.get(field)!r}, the split of the run that "

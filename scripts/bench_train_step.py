@@ -102,7 +102,7 @@ def jax_step(model: SDARForCausalLM, data: dict[str, Any], impl: str) -> Callabl
                                                       data["key"])
         return metrics["loss"]
 
-    run.step, run.args = step, lambda: (state["params"], state["opt"], batch, data["key"], 0)
+    run.step, run.args = step, lambda: (state["params"], state["opt"], batch, data["key"])
     return run
 
 

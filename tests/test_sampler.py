@@ -189,29 +189,17 @@ def test_stop_tokens_and_length_limit(seed, commit):
         assert result["num_forwards"] == 1 + result["num_steps"] + commits
 
 
-def lmdeploy_functions(path: str, *names: str) -> list:
-    """Functions of an installed LMDeploy module, run from its source without importing the
-    module (whose imports need GPU-side packages that a CPU install leaves out)."""
-    import ast
-    import importlib.util
-    import pathlib
-    import torch
-    spec = importlib.util.find_spec("lmdeploy")
-    source = (pathlib.Path(spec.submodule_search_locations[0]) / path).read_text()
-    wanted = [node for node in ast.parse(source).body
-              if isinstance(node, ast.FunctionDef) and node.name in names]
-    namespace = {"torch": torch}
-    exec(compile(ast.Module(body=wanted, type_ignores=[]), path, "exec"), namespace)
-    return [namespace[name] for name in names]
-
-
 def lmdeploy_proposal(logits: np.ndarray, top_k: int, top_p: float) -> list[np.ndarray]:
     """The token ids LMDeploy's sampler may draw: its own top-k / top-p filters on the copy it
     sorts (``pytorch/engine/logits_process.py``)."""
+    import sys
+    import types
     import torch
-    filters = lmdeploy_functions("pytorch/engine/logits_process.py", "_filter_topk_sorted_",
-                                 "_filter_topp_sorted_")
-    _filter_topk_sorted_, _filter_topp_sorted_ = filters
+    # the module's one GPU-side import (xgrammar, left out of a CPU install) is not needed here
+    guided = types.ModuleType("lmdeploy.pytorch.engine.guided_process")
+    guided.GuidedDecodingManager = object
+    sys.modules.setdefault("lmdeploy.pytorch.engine.guided_process", guided)
+    from lmdeploy.pytorch.engine.logits_process import _filter_topk_sorted_, _filter_topp_sorted_
     scores, ids = torch.tensor(logits).sort(1, descending=True)
     rows = scores.shape[0]
     if top_k:

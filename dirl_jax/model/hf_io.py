@@ -81,10 +81,9 @@ def parameter_shapes(model: SDARForCausalLM) -> dict[str, tuple[int, ...]]:
 def weights_signature(model_dir: str) -> str:
     """A digest of the names, sizes and modification times of ``model_dir``'s weight files:
     it changes when the weights at that path are replaced (without reading them)."""
-    entries = sorted((name, os.stat(os.path.join(model_dir, name)).st_size,
-                      os.stat(os.path.join(model_dir, name)).st_mtime_ns)
-                     for name in os.listdir(model_dir)
-                     if name.endswith(".safetensors") or name == INDEX_FILE)
+    entries = sorted((name, stat.st_size, stat.st_mtime_ns) for name in os.listdir(model_dir)
+                     if name.endswith(".safetensors") or name == INDEX_FILE
+                     for stat in [os.stat(os.path.join(model_dir, name))])
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 

@@ -85,24 +85,26 @@ def soft_overlong(r: Response) -> float:
     return min(-(r.num_tokens - half) / half, 0.0)
 
 
-def _speed_wrong(x: float, horizon: int) -> float:
+def _speed_wrong(r: Response) -> float:
+    """0 at one token per step falling to -0.5 at a whole block per step."""
+    horizon = r.block_size - 1
+    x = min(max(r.tokens_per_step - 1, 0.0), horizon)
     return _cosine(x, horizon, -0.5, 0.0) if horizon else 0.0
 
 
 def speed(r: Response) -> float:
     """Rewards decoding more tokens per step: correct 0.5 at one token per step rising to 1.0
-    at a whole block per step; wrong 0 falling to -0.5."""
+    at a whole block per step; wrong as :func:`_speed_wrong`."""
+    if not accuracy(r):
+        return _speed_wrong(r)
     horizon = r.block_size - 1
     x = min(max(r.tokens_per_step - 1, 0.0), horizon)
-    if not accuracy(r):
-        return _speed_wrong(x, horizon)
     return _cosine(x, horizon, 1.0, 0.5) if horizon else 1.0
 
 
 def speed_penalty(r: Response) -> float:
     """``speed`` for wrong responses, a flat 0.5 for correct ones."""
-    horizon = r.block_size - 1
-    return 0.5 if accuracy(r) else _speed_wrong(min(max(r.tokens_per_step - 1, 0.0), horizon), horizon)
+    return 0.5 if accuracy(r) else _speed_wrong(r)
 
 
 REWARDS: dict[str, Callable[[Response], float]] = {
