@@ -123,9 +123,12 @@ def help_text(doc: str, config: ConfigDict, source: str) -> str:
 
 
 def run_config_command(task: Callable[[ConfigDict], object], doc: str,
-                       defaults: Callable[[], ConfigDict], argv: Sequence[str] | None = None) -> None:
+                       defaults: Callable[[], ConfigDict], argv: Sequence[str] | None = None,
+                       errors: tuple[type[BaseException], ...] = (), join_run: bool = True) -> None:
     """Parses ``argv`` (default ``sys.argv``) and runs ``task(config)`` after joining a multi-host
-    run; ``defaults`` is the config ``--help`` lists when no ``--config`` is given."""
+    run; ``defaults`` is the config ``--help`` lists when no ``--config`` is given; ``errors``
+    are the command's own user errors (one line each, as :func:`user_errors`); ``join_run=False``
+    for a command that never spans hosts."""
     from absl import flags
     from absl import logging as absl_logging
     from ml_collections import config_flags
@@ -159,6 +162,7 @@ def run_config_command(task: Callable[[ConfigDict], object], doc: str,
              "the fields")
     absl_logging.use_absl_handler()
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
-    distributed.initialize_from_flags()  # multi-host: before any JAX computation
-    with one_line_errors(verbose):
+    if join_run:
+        distributed.initialize_from_flags()  # multi-host: before any JAX computation
+    with one_line_errors(verbose, errors):
         task(config)

@@ -7,7 +7,7 @@
 For every model x slice: the mesh (data x fsdp x tensor) with the smallest tensor axis, then the
 smallest fsdp axis whose one-row micro-batch fits ``--memory-fraction`` of HBM, the rest data;
 the largest micro-batch per device that fits and the gradient accumulation it implies; the step
-time at ``--mfu``. The memory and FLOP model is documented in ``scripts/mesh_plan.py`` and
+time at ``--mfu``. The memory and FLOP model is documented in ``dirl_jax/sizing/plan.py`` and
 docs/SCALING.md.
 """
 
@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import os
 
-import mesh_plan
+from dirl_jax.sizing import plan as mesh_plan
 
 from dirl_jax.metrics import write_json_atomic
 from dirl_jax.model import SDARConfig

@@ -74,7 +74,7 @@ def chunk_op_names(model: SDARForCausalLM, cfg: SamplingConfig, slots: int, capa
     fused = decoder.resolve_commit("auto") == "fused"
     names: dict[str, str] = {}
     for window in windows:
-        hlo = decoder._run_chunk_jit.lower(graphdef, params, state, jnp.asarray(-1, jnp.int32),
+        hlo = decoder.run_chunk_jit.lower(graphdef, params, state, jnp.asarray(-1, jnp.int32),
                                            cfg, window, fused, None).compile().as_text()
         names.update(_METADATA.findall(hlo))
     return names
@@ -103,8 +103,8 @@ def main() -> None:
                                             max_new_tokens=limits)
 
     run()  # compiles
-    chunk = "jit__run_chunk_jit"
-    wall, per_op = traced(run, (chunk, "jit__admit_jit"))
+    chunk = "jit_run_chunk_jit"
+    wall, per_op = traced(run, (chunk, "jit_admit_jit"))
     forwards = max(r["num_forwards"] - 1 for r in results)  # lock step: every row, every forward
     capacity = decoder.capacity_for(args.prompt_len, cfg)
     windows = sorted({decoder.window_for(n, capacity)

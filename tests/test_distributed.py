@@ -1,5 +1,5 @@
 """Scale-out pieces: dirl_jax.distributed (environment detection, initialize), the mesh planner
-(scripts/mesh_plan.py, scripts/plan_mesh.py) and the TPU-pod / SLURM launch scripts."""
+(dirl_jax/sizing/plan.py, scripts/plan_mesh.py) and the TPU-pod / SLURM launch scripts."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from dirl_jax import canvas, distributed
 from dirl_jax.distributed import DistributedInfo, detect_environment, parse_slurm_nodelist, resolve
 from dirl_jax.model import SDARConfig, abstract_model, parameter_shapes
 
+from dirl_jax.sizing import plan as mesh_plan  # the planner behind scripts/plan_mesh.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import mesh_plan  # noqa: E402  (scripts/mesh_plan.py: the planner behind scripts/plan_mesh.py)
 
 CLUSTER_VARS = ("DIRL_COORDINATOR", "DIRL_NUM_PROCESSES", "DIRL_PROCESS_ID", "DIRL_COORDINATOR_PORT",
                 "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NODELIST",

@@ -16,8 +16,9 @@ impl           what                                                             
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 
@@ -34,9 +35,35 @@ DECODE_QUERY_LEN = 64
 SPLASH_BLOCK = 128  # Splash tiles; canvases of other lengths run ``tiled`` under ``auto``
 
 
+_RECORDERS: list[list[str]] = []
+
+
+@contextlib.contextmanager
+def recording_impls() -> Iterator[list[str]]:
+    """Collects the implementation of every :func:`attention` call traced inside (what a
+    compiled program contains, e.g. for :mod:`dirl_jax.sizing`)."""
+    names: list[str] = []
+    _RECORDERS.append(names)
+    try:
+        yield names
+    finally:
+        _RECORDERS.remove(names)
+
+
+def target_platform() -> str:
+    """The platform of the program being built: that of the devices of the mesh set by
+    ``jax.set_mesh`` (a TPU slice compiled for ahead of time from a CPU host included), else the
+    default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
 def resolve_impl(impl: str, *, has_mask: bool = False, layout: Any = None,
                  platform: str | None = None, q_len: int | None = None) -> str:
-    """The concrete implementation ``impl`` stands for on ``platform`` (default backend).
+    """The concrete implementation ``impl`` stands for on ``platform`` (default:
+    :func:`target_platform`).
 
     A short query chunk (``q_len <= DECODE_QUERY_LEN``: one block being decoded against a KV
     cache) runs ``reference``: its scores are ``q_len x S`` per head, cheap and batched, where a
@@ -48,7 +75,7 @@ def resolve_impl(impl: str, *, has_mask: bool = False, layout: Any = None,
         return impl
     if has_mask or (q_len is not None and q_len <= DECODE_QUERY_LEN):
         return "reference"
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     if platform == "tpu" and layout is not None and layout.length % SPLASH_BLOCK == 0:
         return "splash"
     if platform in ("gpu", "cuda", "rocm"):
@@ -116,6 +143,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if (mask is None) == (q_canvas is None):
         raise ValueError("pass exactly one of `mask` or `q_canvas`")
     impl = resolve_impl(impl, has_mask=mask is not None, layout=layout, q_len=q.shape[1])
+    for names in _RECORDERS:
+        names.append(impl)
     if mask is not None and impl != "reference":
         raise ValueError(f"attention impl {impl!r} needs canvases; an explicit mask runs on 'reference'")
     kv_canvas = q_canvas if kv_canvas is None else kv_canvas
@@ -128,7 +157,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if impl == "tiled":
         return _block_sparse(tiled_attention, q, k, v, q_canvas, kv_canvas,
                              tile or DEFAULT_TILES["tiled"], scale=scale)
-    backend = jax.default_backend()
+    backend = target_platform()  # kernels interpret only where they do not run natively
     if impl == "pallas_gpu":  # interpreted (slowly) where there is no GPU: tests, CPU debugging
         from dirl_jax.attention.pallas_gpu import pallas_gpu_attention
         kernel = functools.partial(_block_sparse, pallas_gpu_attention,
@@ -147,5 +176,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         q, k, v, canvas.segment_ids, layout, interpret=backend != "tpu"), q, k, v, q_canvas, kv_canvas)
 
 
-__all__ = ["IMPLEMENTATIONS", "attention", "reference_attention", "resolve_impl",
-           "tiled_attention"]
+__all__ = ["IMPLEMENTATIONS", "attention", "recording_impls", "reference_attention", "resolve_impl",
+           "target_platform", "tiled_attention"]

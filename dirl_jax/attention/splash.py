@@ -22,6 +22,7 @@ canvas built by :func:`stream_major_canvas`. Segment ids skip no tiles; fixed-si
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 
 import jax
@@ -33,7 +34,6 @@ from dirl_jax.canvas import StreamMajorLayout
 
 # Splash needs block_q % 128 == 0 with segment ids (dkv kernel) and block_kv_compute % 128 == 0.
 _BLOCK_MULTIPLE = 128
-_HOST = jax.sharding.AbstractMesh((), ())  # no mesh: host-side constants
 
 
 class StreamMajorMask(splash_mask._ComputableMask):  # pylint: disable=protected-access
@@ -68,11 +68,16 @@ def splash_kernel(layout: StreamMajorLayout, num_heads: int, block_q: int = 128,
                               block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                               block_kv_dq=block_kv)
     mask = splash_mask.MultiHeadMask([StreamMajorMask(layout)] * num_heads)
-    # Concrete mask-info arrays even when first built in a trace, and on the host even under an
-    # ahead-of-time abstract mesh (jax >= 0.11 cannot place eager constants on one).
-    with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(_HOST):
+
+    def build() -> splash.SplashAttentionKernel:
         return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                       interpret=interpret)
+    # Concrete mask-info arrays on the host even when first needed inside a trace under a mesh:
+    # JAX's mesh and trace contexts are per thread, so a fresh thread builds them outside both
+    # (in the trace a mesh of devices compiled for ahead of time, e.g. a TPU topology from a CPU
+    # host, cannot run the eager conversion).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(build).result()
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,

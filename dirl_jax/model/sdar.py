@@ -117,11 +117,12 @@ class Attention(nnx.Module):
         return self._out(out)
 
     def cached(self, x_BTE: jax.Array, rope: tuple[jax.Array, jax.Array], cache: LayerCache,
-               write_cols: jax.Array, q_canvas: Canvas, kv_canvas: Canvas, impl: str
-               ) -> tuple[jax.Array, LayerCache]:
+               write_cols: jax.Array, q_canvas: Canvas, kv_canvas: Canvas, impl: str,
+               layout: StreamMajorLayout | None = None) -> tuple[jax.Array, LayerCache]:
         """Writes this chunk's keys/values into ``cache`` at slots ``write_cols [batch, chunk]``,
         then attends over the first ``kv_canvas.shape[1]`` cache slots (the window; its tags say
-        which slots are visible)."""
+        which slots are visible). ``layout``: the chunk fills the whole window and attends to
+        itself alone (a prefill into a fresh cache, ``kv_canvas is q_canvas``)."""
         q, k, v = self._qkv(x_BTE, rope)
         with jax.named_scope("kv_cache"):
             cache = LayerCache(keys=_write_rows(cache.keys, k, write_cols),
@@ -129,7 +130,8 @@ class Attention(nnx.Module):
         window = kv_canvas.shape[1]
         with jax.named_scope("attention_kernel"):
             out = attention_lib.attention(q, cache.keys[:, :window], cache.values[:, :window],
-                                          q_canvas=q_canvas, kv_canvas=kv_canvas, impl=impl)
+                                          q_canvas=q_canvas, kv_canvas=kv_canvas, impl=impl,
+                                          layout=layout)
         return self._out(out), cache
 
 
@@ -187,10 +189,10 @@ class DecoderLayer(nnx.Module):
         return constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL)
 
     def cached(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: LayerCache,
-               write_cols: jax.Array, q_canvas: Canvas, kv_canvas: Canvas, impl: str
-               ) -> tuple[jax.Array, LayerCache]:
+               write_cols: jax.Array, q_canvas: Canvas, kv_canvas: Canvas, impl: str,
+               layout: StreamMajorLayout | None = None) -> tuple[jax.Array, LayerCache]:
         h, cache = self.self_attn.cached(self.input_layernorm(x), rope, cache, write_cols,
-                                         q_canvas, kv_canvas, impl)
+                                         q_canvas, kv_canvas, impl, layout)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -267,14 +269,17 @@ class SDARForCausalLM(nnx.Module):
 
     def cached_hidden_states(self, q_canvas: Canvas, kv_canvas: Canvas,
                              cache: tuple[LayerCache, ...], write_cols: jax.Array, *,
-                             attn_impl: str = "auto") -> tuple[jax.Array, tuple[LayerCache, ...]]:
+                             attn_impl: str = "auto", attn_layout: StreamMajorLayout | None = None
+                             ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
         """Hidden states of a chunk of tokens (``q_canvas``, e.g. a prompt or blocks being
         decoded) that attends to the KV cache, after writing the chunk's keys/values at cache
         slots ``write_cols [batch, chunk]``.
 
         ``kv_canvas`` holds the tags of the first ``window`` cache slots (``[batch, window]``, at
         most the cache length): the chunk attends over those only; slots it must not see (stale,
-        empty or not yet written) carry segment ``-1``.
+        empty or not yet written) carry segment ``-1``. ``attn_layout``: a prefill into a fresh
+        cache (the chunk sees itself alone, ``kv_canvas is q_canvas``) whose block-causal canvas
+        is that static layout, so ``auto`` may run Splash on TPU.
         """
         rope = rotary_tables(q_canvas.positions, self.config.head_dim, self.config.rope_theta,
                              self.dtype)
@@ -282,7 +287,7 @@ class SDARForCausalLM(nnx.Module):
         new_cache = []
         for layer, layer_cache in zip(self.model.layers, cache):
             x, layer_cache = layer.cached(x, rope, layer_cache, write_cols, q_canvas, kv_canvas,
-                                          attn_impl)
+                                          attn_impl, attn_layout)
             new_cache.append(layer_cache)
         return self.model.norm(x), tuple(new_cache)
 

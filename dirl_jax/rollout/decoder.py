@@ -70,6 +70,7 @@ import numpy as np
 from flax import nnx, struct
 
 from dirl_jax import canvas as canvas_lib
+from dirl_jax.attention import target_platform
 from dirl_jax.config import COMMIT_MODES
 from dirl_jax.model.config import SDARConfig
 from dirl_jax.model.sdar import LayerCache, SDARForCausalLM, init_cache
@@ -114,7 +115,7 @@ def resolve_commit(commit: str, platform: str | None = None) -> str:
         raise ValueError(f"commit: expected one of {', '.join(COMMIT_MODES)}, got {commit!r}")
     if commit != "auto":
         return commit
-    return "separate" if (platform or jax.default_backend()) == "cpu" else "fused"
+    return "separate" if (platform or target_platform()) == "cpu" else "fused"
 
 
 def capacity_for(prompt_bucket: int, cfg: SamplingConfig) -> int:
@@ -172,12 +173,14 @@ def admit(model: SDARForCausalLM, state: Slots, slot_ids: jax.Array, prompt_toke
     in_prompt = positions < prompt_lengths[:, None]
     tokens = jnp.where(in_prompt, prompt_tokens, cfg.mask_token_id)
     fresh = init_cache(model.config, k, bucket, model.dtype)
-    _, fresh = model.cached_hidden_states(
-        canvas_lib.block_causal_canvas(tokens, positions,
-                                       jnp.where(in_prompt, 0, canvas_lib.PADDING_SEGMENT),
-                                       cfg.block_size),
-        _visible_prefix(prompt_lengths, bucket, cfg.block_size), fresh, positions,
-        attn_impl=cfg.attn_impl)
+    # the prompts attend to themselves alone: block-causal rows starting at 0, padding after
+    # them, which is the static block-causal layout (Splash on TPU)
+    prompt_canvas = canvas_lib.block_causal_canvas(
+        tokens, positions, jnp.where(in_prompt, 0, canvas_lib.PADDING_SEGMENT), cfg.block_size)
+    layout = (canvas_lib.StreamMajorLayout(bucket, cfg.block_size, rounds=0)
+              if bucket % cfg.block_size == 0 else None)
+    _, fresh = model.cached_hidden_states(prompt_canvas, prompt_canvas, fresh, positions,
+                                          attn_impl=cfg.attn_impl, attn_layout=layout)
     cache = tuple(LayerCache(keys=old.keys.at[slot_ids, :bucket].set(new.keys, mode="drop"),
                              values=old.values.at[slot_ids, :bucket].set(new.values, mode="drop"))
                   for old, new in zip(state.cache, fresh))
@@ -317,7 +320,7 @@ def run_chunk(model: SDARForCausalLM, state: Slots, stop_at: jax.Array, cfg: Sam
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
-def _admit_jit(graphdef, params, state, slot_ids, prompt_tokens, prompt_lengths, limits, keys,
+def admit_jit(graphdef, params, state, slot_ids, prompt_tokens, prompt_lengths, limits, keys,
                prompt_index, cfg):
     return admit(nnx.merge(graphdef, params), state, slot_ids, prompt_tokens, prompt_lengths,
                  limits, keys, prompt_index, cfg)
@@ -325,7 +328,7 @@ def _admit_jit(graphdef, params, state, slot_ids, prompt_tokens, prompt_lengths,
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "window", "fused", "on_block"),
                    donate_argnames=("state",))
-def _run_chunk_jit(graphdef, params, state, stop_at, cfg, window, fused, on_block):
+def run_chunk_jit(graphdef, params, state, stop_at, cfg, window, fused, on_block):
     return run_chunk(nnx.merge(graphdef, params), state, stop_at, cfg, window, fused, on_block)
 
 
@@ -343,7 +346,7 @@ def _pow2_at_least(n: int, cap: int) -> int:
     return min(size, cap)
 
 
-def _row_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
+def row_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
     """The mesh axes slots are sharded over (the logical ``batch`` axis)."""
     if mesh is None:
         return ()
@@ -353,18 +356,24 @@ def _row_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
 
 def _place(mesh: jax.sharding.Mesh, params: nnx.State, state: Slots) -> tuple[nnx.State, Slots]:
     """Parameters sharded by the logical axis table, slots by rows (KV heads over ``tensor``)."""
-    params = jax.device_put(params, named_shardings(params, mesh))
-    rows = jax.sharding.PartitionSpec(_row_axes(mesh) or None)
+    return (jax.device_put(params, named_shardings(params, mesh)),
+            jax.device_put(state, slot_shardings(mesh, state)))
+
+
+def slot_shardings(mesh: jax.sharding.Mesh, state: Slots) -> Slots:
+    """The sharding of every leaf of the (concrete or abstract) decoding state on ``mesh``: rows
+    over the data axes, the KV cache's heads over ``tensor`` where they divide."""
+    rows = jax.sharding.PartitionSpec(row_axes(mesh) or None)
     tensor = dict(rules_for_mesh(mesh))["act_kv_heads"]
     if tensor and state.cache[0].keys.shape[2] % mesh.shape[tensor]:
         tensor = None  # KV heads that do not divide stay whole
-    cache_spec = jax.sharding.PartitionSpec(_row_axes(mesh) or None, None, tensor, None)
+    cache_spec = jax.sharding.PartitionSpec(row_axes(mesh) or None, None, tensor, None)
 
     def spec(path: tuple, leaf: jax.Array) -> jax.sharding.NamedSharding:
         is_cache = any(getattr(p, "name", None) == "cache" for p in path)
         return jax.sharding.NamedSharding(mesh, cache_spec if is_cache and leaf.ndim == 4 else rows)
 
-    return params, jax.device_put(state, jax.tree_util.tree_map_with_path(spec, state))
+    return jax.tree_util.tree_map_with_path(spec, state)
 
 
 def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: SamplingConfig, *,
@@ -406,12 +415,12 @@ def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: Sampli
         if limits.shape != (count,) or not ((limits >= 1) & (limits <= cfg.max_new_tokens)).all():
             raise ValueError(f"max_new_tokens: need {count} limits in [1, {cfg.max_new_tokens}]")
     check_prompts(model.config, prompts, limits, cfg.block_size)
-    fused = resolve_commit(commit) == "fused"
+    fused = resolve_commit(commit, mesh.devices.flat[0].platform if mesh is not None else None) == "fused"
     b = cfg.block_size
     lengths = np.array([len(p) for p in prompts], np.int32)
     bucket = -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
     capacity = capacity_for(bucket, cfg)
-    shards = int(np.prod([mesh.shape[a] for a in _row_axes(mesh)])) if mesh is not None else 1
+    shards = int(np.prod([mesh.shape[a] for a in row_axes(mesh)])) if mesh is not None else 1
     n_slots = -(-min(slots or count, count) // shards) * shards
     graphdef, params = nnx.split(model)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
@@ -436,7 +445,7 @@ def decode_prompts(model: SDARForCausalLM, prompts: list[list[int]], cfg: Sampli
             live = occupant >= 0
             window = window_for(int((block[live] + 1).max()) * b, capacity)
             stop_at = (n_slots if waiting else _compactable(n_slots, shards)) if continuous else -1
-            state = _run_chunk_jit(graphdef, params, state, jnp.asarray(stop_at, jnp.int32), cfg,
+            state = run_chunk_jit(graphdef, params, state, jnp.asarray(stop_at, jnp.int32), cfg,
                                    window, fused, on_block)
             mode, block = (np.array(x) for x in jax.device_get((state.mode, state.block)))
             done = np.flatnonzero(live & (mode == DONE))
@@ -494,7 +503,7 @@ def _admit_rows(graphdef: Any, params: nnx.State, state: Slots, slot_ids: np.nda
         tokens[i, :lengths[p]] = prompts[p]
     padded = take + [take[0]] * (size - len(take))
     index = np.asarray(take + [-1] * (size - len(take)), np.int32)
-    return _admit_jit(graphdef, params, state, jnp.asarray(ids), jnp.asarray(tokens),
+    return admit_jit(graphdef, params, state, jnp.asarray(ids), jnp.asarray(tokens),
                       jnp.asarray(lengths[padded]), jnp.asarray(limits[padded]),
                       row_keys[np.asarray(padded)],
                       jnp.asarray(index), cfg)

@@ -66,6 +66,17 @@ class InProcessEngine:
         nnx.update(self.model, params)
 
 
+def rollout_mesh(mesh: jax.sharding.Mesh | None, local_devices: Sequence[Any], process_count: int
+                 ) -> jax.sharding.Mesh | None:
+    """The mesh the in-process engine decodes on: the trainer's ``mesh`` in a one-process run;
+    otherwise every host decodes its own rows on its ``local_devices`` (a ``data`` mesh of them,
+    None for one device) from a replica of the parameters."""
+    if mesh is not None and process_count == 1:
+        return mesh
+    devices = list(local_devices)
+    return jax.sharding.Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+
+
 def make_engine(spec: str, model: SDARForCausalLM, sampling: SamplingConfig, *, pad_token_id: int,
                 tokenizer: str, options: dict[str, Any] | None = None,
                 mesh: jax.sharding.Mesh | None = None, slots: int = 0,
@@ -77,13 +88,9 @@ def make_engine(spec: str, model: SDARForCausalLM, sampling: SamplingConfig, *, 
     ``options`` (servers, weight push, ...). ``dirl_jax`` itself never imports such a module.
     ``slots`` and ``commit`` configure the in-process engine (:mod:`dirl_jax.rollout.decoder`)."""
     if spec == "jax":
-        if mesh is not None and jax.process_count() == 1:
-            return InProcessEngine(model, pad_token_id=pad_token_id, mesh=mesh, slots=slots,
-                                   commit=commit)
-        devices = jax.local_devices()  # every host decodes its own rows on its own devices
-        local = jax.sharding.Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
-        return InProcessEngine(model, pad_token_id=pad_token_id, mesh=local, slots=slots,
-                               commit=commit)
+        return InProcessEngine(model, pad_token_id=pad_token_id,
+                               mesh=rollout_mesh(mesh, jax.local_devices(), jax.process_count()),
+                               slots=slots, commit=commit)
     module, _, name = ENGINE_ALIASES.get(spec, spec).partition(":")
     if not module or not name:
         raise ValueError(f"engine: expected 'jax' or 'module:Class', got {spec!r}")

@@ -106,6 +106,8 @@ class Updater:
             return dipo.score_tokens(nnx.merge(graphdef, params), batch, **score_kwargs)[0]
 
         self._gradients, self._accumulate, self._apply, self._score = gradients, accumulate, apply, score
+        # the compiled programs of an update, by name (dirl_jax.sizing compiles them ahead of time)
+        self.programs = {"dipo_gradients": gradients, "dipo_apply": apply, "dipo_score": score}
 
     def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """A micro-batch (the same on every host) on the mesh: canvas rows over
