@@ -48,9 +48,29 @@ def define_flags() -> None:
     flags.DEFINE_bool("find_micro_batch", False, "search the largest micro-batch / slots per chip "
                       "that fit with 10 % headroom")
     flags.DEFINE_bool("compare_plan", False, "print the arithmetic planner's bytes beside the compiler's")
+    flags.DEFINE_string("record_to", None, "internal: compile in this process and write the records "
+                        "to this file (each program runs in such a child)")
 
 
-def main(config: ConfigDict) -> None:
+def child_command_line(argv: list[str]) -> list[str]:
+    """What a child compiling one program repeats of ``argv``: the config, its overrides, the
+    topology and the architecture (not the outputs, the program list or the searches)."""
+    keep, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--out", "--programs", "--record_to"):
+            skip = "=" not in arg
+            continue
+        if name.lstrip("-").removeprefix("no") in ("find_micro_batch", "compare_plan"):
+            continue
+        keep.append(arg)
+    return keep
+
+
+def main(config: ConfigDict, argv: list[str]) -> None:
     from absl import flags
 
     from dirl_jax.sizing import check
@@ -59,13 +79,15 @@ def main(config: ConfigDict) -> None:
         fail("--topology is required: a TPU slice such as v5p-64 or a topology such as v5p:2x4x4")
     result = check.run_check(config, topology=f.topology, model=f.model,
                              model_config_path=f.model_config, out=f.out, programs=f.programs,
-                             find_micro_batch=f.find_micro_batch, compare_plan=f.compare_plan)
+                             find_micro_batch=f.find_micro_batch, compare_plan=f.compare_plan,
+                             isolate=None if f.record_to else child_command_line(argv),
+                             record_to=f.record_to)
     if result:
         fail(result)
 
 
 OWN_FLAGS = ("topology", "model", "model_config", "out", "programs", "find_micro_batch",
-             "compare_plan")
+             "compare_plan", "record_to")
 
 
 def dashed_flags(argv: list[str]) -> list[str]:
@@ -85,7 +107,8 @@ def entry(argv: list[str]) -> Any:
     define_flags()
     argv = dashed_flags(argv)
     from dirl_jax.sizing.check import SizingError
-    run_config_command(main, __doc__, sft_defaults, argv, errors=(SizingError,), join_run=False)
+    run_config_command(lambda config: main(config, argv), __doc__, sft_defaults, argv,
+                       errors=(SizingError,), join_run=False)
 
 
 if __name__ == "__main__":

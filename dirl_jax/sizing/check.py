@@ -7,7 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
 
 from ml_collections import ConfigDict
 
@@ -19,7 +23,7 @@ from dirl_jax.model import SDARConfig
 from dirl_jax.sizing import plan as plan_lib
 from dirl_jax.sizing.chips import GIB, Slice, parse_slice
 from dirl_jax.sizing.programs import Program, run_programs
-from dirl_jax.sizing.report import Record, compile_program, problems, table
+from dirl_jax.sizing.report import Record, compile_program, failed_record, problems, table
 
 REPORT = "compile_report.json"
 SEARCH_HEADROOM = 0.10
@@ -80,9 +84,49 @@ def validated(config: ConfigDict, model_config: SDARConfig) -> None:
         check_model_block_size(config, model_config.block_size)
 
 
+def with_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
+    """A copy of ``config`` with ``--config.a.b=value`` overrides applied (each value parsed as
+    the field's current type)."""
+    config = config.copy_and_resolve_references()
+    for override in overrides:
+        path, _, value = override.removeprefix("--config.").partition("=")
+        *parents, leaf = path.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = type(node[leaf])(value)
+    return config
+
+
+def compile_in_child(argv: Sequence[str], overrides: Sequence[str], program: Program,
+                     slice_: Slice) -> Record:
+    """``program`` compiled by a child ``compile_check`` (the same command line, that program
+    only): a compiler that aborts the process (XLA check failures are fatal) is one failed
+    record, not the end of the check."""
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "records.json")
+        result = subprocess.run([sys.executable, "-m", "dirl_jax.compile_check", *argv, *overrides,
+                                 "--programs", program.name, "--record_to", path],
+                                capture_output=True, text=True)
+        if result.returncode == 0 and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return Record(**json.load(f)[0])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    fatal = [line.split("] ", 1)[-1] for line in lines if "Check failed" in line or line.startswith("F")]
+    why = fatal[0] if fatal else (lines[-1] if lines else f"exit status {result.returncode}")
+    status = (f"killed by signal {-result.returncode}" if result.returncode < 0
+              else f"exit status {result.returncode}")
+    return failed_record(program, slice_.topology, slice_.chip,
+                         f"the compiler process ended ({status}): {why.strip()}", time.time() - start)
+
+
 def compile_all(config: ConfigDict, model_config: SDARConfig, slice_: Slice, devices: list[Any],
-                names: list[str] | None = None, slots: int | None = None) -> list[Record]:
-    """Every (or every named) program of the run, compiled for the slice."""
+                names: list[str] | None = None, slots: int | None = None,
+                overrides: Sequence[str] = (), isolate: Sequence[str] | None = None) -> list[Record]:
+    """Every (or every named) program of the run with ``overrides``, compiled for the slice:
+    in this process, or each in a child process running the command line ``isolate``."""
+    config = with_overrides(config, overrides)
     mesh = run_mesh(config, model_config, devices)
     programs = run_programs(config, model_config, mesh, slots)
     if names:
@@ -93,7 +137,11 @@ def compile_all(config: ConfigDict, model_config: SDARConfig, slice_: Slice, dev
         programs = [p for p in programs if p.name in names]
     records = []
     for program in programs:
-        record = compile_program(program, slice_.topology, slice_.chip)
+        if isolate is None:
+            record = compile_program(program, slice_.topology, slice_.chip)
+        else:
+            extra = [*overrides, *([f"--config.rollout.slots={slots}"] if slots else [])]
+            record = compile_in_child(isolate, extra, program, slice_)
         print(f"compiled {record.program} in {record.compile_seconds:.0f} s: "
               f"{record.peak_bytes / GIB:.2f} GiB per chip"
               + (f" (error: {record.error})" if record.error else ""), flush=True)
@@ -123,44 +171,32 @@ def _fits_with_headroom(records: list[Record]) -> bool:
 
 
 def search_micro_batch(config: ConfigDict, model_config: SDARConfig, slice_: Slice,
-                     devices: list[Any]) -> dict[str, Any]:
+                       devices: list[Any], isolate: Sequence[str] | None = None) -> dict[str, Any]:
     """The largest per-chip micro-batch (SFT rows, DiPO canvas rows) and engine slots that fit
     with ``SEARCH_HEADROOM``; returns the overrides (``--config.a.b=v``) and what was found."""
     shape = mesh_lib.mesh_shape(config.mesh, len(devices))
     row_shards = shape[0] * shape[1]
     found: dict[str, Any] = {"overrides": []}
+
+    def fits(names: list[str] | None, overrides: list[str], slots: int | None = None) -> bool:
+        return _fits_with_headroom(compile_all(config, model_config, slice_, devices, names, slots,
+                                               overrides, isolate))
     if config.task == "dipo":
-        update = ["dipo_gradients", "dipo_score", "dipo_apply"]
-        candidates = [m * row_shards for m in range(1, 257)]
-
-        def fits_rows(rows: int) -> bool:
-            trial = config.copy_and_resolve_references()
-            trial.train.canvas_rows = rows
-            return _fits_with_headroom(compile_all(trial, model_config, slice_, devices, update))
-        rows = _largest(fits_rows, candidates)
-        found["canvas_rows"] = rows
-        if rows:
-            found["overrides"].append(f"--config.train.canvas_rows={rows}")
-        engine = ["rollout_prefill", "rollout_chunk"]
-        slot_candidates = [2 ** k for k in range(0, 15)]
-        slots = _largest(lambda s: _fits_with_headroom(
-            compile_all(config, model_config, slice_, devices, engine, slots=s)), slot_candidates)
-        found["slots"] = slots
-        if slots:
-            found["overrides"].append(f"--config.rollout.slots={slots}")
+        rows = _largest(lambda n: fits(["dipo_gradients", "dipo_score", "dipo_apply"],
+                                       [f"--config.train.canvas_rows={n}"]),
+                        [m * row_shards for m in range(1, 257)])
+        slots = _largest(lambda n: fits(["rollout_prefill", "rollout_chunk"], [], n),
+                         [2 ** k for k in range(15)])
+        found.update(canvas_rows=rows, slots=slots)
+        found["overrides"] += ([f"--config.train.canvas_rows={rows}"] if rows else []) + (
+            [f"--config.rollout.slots={slots}"] if slots else [])
         return found
-    t = config.train
-    per_chip = [m for m in range(1, t.global_batch // row_shards + 1)
-                if t.global_batch % (m * row_shards) == 0]
-
-    def fits_micro(m: int) -> bool:
-        trial = config.copy_and_resolve_references()
-        trial.train.grad_accum = t.global_batch // (m * row_shards)
-        return _fits_with_headroom(compile_all(trial, model_config, slice_, devices))
-    micro = _largest(fits_micro, per_chip)
+    batch = config.train.global_batch
+    micro = _largest(lambda m: fits(None, [f"--config.train.grad_accum={batch // (m * row_shards)}"]),
+                     [m for m in range(1, batch // row_shards + 1) if batch % (m * row_shards) == 0])
     found["micro_rows_per_chip"] = micro
     if micro:
-        found["grad_accum"] = t.global_batch // (micro * row_shards)
+        found["grad_accum"] = batch // (micro * row_shards)
         found["overrides"].append(f"--config.train.grad_accum={found['grad_accum']}")
     return found
 
@@ -168,7 +204,10 @@ def search_micro_batch(config: ConfigDict, model_config: SDARConfig, slice_: Sli
 # ----------------------------------------------------------------------------- planner
 def planned_bytes(config: ConfigDict, model_config: SDARConfig, record: Record) -> float | None:
     """The arithmetic planner's peak bytes per chip for a compiled program (None: not planned)."""
-    mesh = plan_lib.MeshShape(**record.mesh)
+    mesh = plan_lib.MeshShape(*(record.mesh.get(a, 1) for a in mesh_lib.AXES))
+    if record.engine:
+        return plan_lib.rollout_bytes(model_config, config, mesh, record.engine["slots"],
+                                      record.engine["capacity"])
     if record.program == "sft_train_step":
         t = config.train
         workload = plan_lib.Workload(seq_len=config.data.max_length, global_batch=t.global_batch,
@@ -176,16 +215,20 @@ def planned_bytes(config: ConfigDict, model_config: SDARConfig, record: Record) 
                                      loss_chunk=config.diffusion.loss_chunk, remat=config.model.remat)
         rows = t.global_batch // t.grad_accum // (mesh.data * mesh.fsdp)
         return plan_lib.memory_per_device(model_config, workload, mesh, rows).total
-    return None
+    return plan_lib.dipo_program_bytes(record.program, model_config, config, mesh)
 
 
 # ----------------------------------------------------------------------------- the command
 def run_check(config: ConfigDict, *, topology: str, model: str | None = None,
               model_config_path: str | None = None, out: str | None = None,
               programs: list[str] | None = None, find_micro_batch: bool = False,
-              compare_plan: bool = False) -> str | None:
+              compare_plan: bool = False, isolate: Sequence[str] | None = None,
+              record_to: str | None = None) -> str | None:
     """Compiles the run's programs for ``topology``, prints the table, writes the report; returns
-    the one-line problem when a program does not compile or fit (None when all fit)."""
+    the one-line problem when a program does not compile or fit (None when all fit).
+
+    ``isolate``: the command line that compiles one program in a child process (see
+    :func:`compile_in_child`); ``record_to``: be that child, writing the records to this file."""
     try:
         slice_ = parse_slice(topology)
     except ValueError as e:
@@ -193,10 +236,14 @@ def run_check(config: ConfigDict, *, topology: str, model: str | None = None,
     model_config = architecture(config, model, model_config_path)
     validated(config, model_config)
     devices = topology_devices(slice_)
+    if record_to:
+        records = compile_all(config, model_config, slice_, devices, programs)
+        write_json_atomic(record_to, [r.to_dict() for r in records])
+        return None
     print(f"compile check: {config.task} on {slice_.name} ({slice_.topology}, {len(devices)} chips "
           f"of {slice_.chip.hbm_bytes / GIB:.0f} GiB), mesh data x fsdp x tensor = "
           f"{'x'.join(map(str, mesh_lib.mesh_shape(config.mesh, len(devices))))}", flush=True)
-    records = compile_all(config, model_config, slice_, devices, programs)
+    records = compile_all(config, model_config, slice_, devices, programs, isolate=isolate)
     report: dict[str, Any] = {
         "task": config.task, "topology": slice_.topology, "slice": slice_.name,
         "chip": dataclasses.asdict(slice_.chip), "model": dataclasses.asdict(model_config),
@@ -217,7 +264,7 @@ def run_check(config: ConfigDict, *, topology: str, model: str | None = None,
             diff = "" if row["difference"] is None else f"{100 * row['difference']:+.0f} %"
             print(f"| {row['program']} | {planned} | {row['compiled_bytes'] / GIB:.2f} | {diff} |")
     if find_micro_batch:
-        report["search"] = search = search_micro_batch(config, model_config, slice_, devices)
+        report["search"] = search = search_micro_batch(config, model_config, slice_, devices, isolate)
         print("largest that fits with 10 % headroom: "
               + (" ".join(search["overrides"]) or "nothing fits"))
     if out:

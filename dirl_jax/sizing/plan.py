@@ -311,3 +311,51 @@ def markdown_table(plans: list[Plan]) -> str:
 
     return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
                       *(line(row) for row in rows[1:])])
+
+
+# ----------------------------------------------------------------------------- DiPO programs
+def dipo_program_bytes(program: str, c: SDARConfig, config: Any, mesh: MeshShape) -> float | None:
+    """Planned peak bytes per device of a DiPO program (``config``: the run config; None for a
+    program not planned). Parameters are in ``train.param_dtype`` (fp32: 4 B), sharded over
+    ``fsdp x tensor`` in the update, replicated per host in a multi-host rollout.
+
+    * ``dipo_gradients``: parameters + their fp32 gradients (8 B/param), the gathered bf16 layers,
+      the canvas rows' activations (as an SFT row of ``row_length`` tokens) and the scoring chunk
+      (fp32 logits, log-probs and their gradient over the vocabulary);
+    * ``dipo_score``: parameters, the final hidden states of the rows, one layer's activations
+      and the scoring chunk's forward (logits and log-probs);
+    * ``dipo_apply``: parameters, AdamW moments, gradients and the updated parameters (20 B/param:
+      the engine keeps the old parameters, so nothing is donated).
+    """
+    t = config.train
+    params = parameter_count(c)
+    param_bytes = 4 if t.param_dtype == "float32" else 2
+    sharded = mesh.fsdp * mesh.tensor
+    gathered = (2 * layer_params(c) + c.vocab_size * c.hidden_size) * BF16_BYTES / mesh.tensor
+    rows = t.canvas_rows / (mesh.data * mesh.fsdp)
+    chunk = t.logprob_chunk * c.vocab_size * 4 / mesh.tensor
+    if program == "dipo_gradients":
+        activations = rows * activation_bytes_per_row(c, t.row_length, mesh.tensor, config.model.remat)
+        return 2 * param_bytes * params / sharded + gathered + activations + 3 * chunk
+    if program == "dipo_score":
+        one_layer = t.row_length * activation_bytes_per_token_layer(c, mesh.tensor)
+        hidden = t.row_length * c.hidden_size * BF16_BYTES
+        return param_bytes * params / sharded + gathered + rows * (hidden + one_layer) + 2 * chunk
+    if program == "dipo_apply":
+        return (3 * param_bytes + 8) * params / sharded
+    return None
+
+
+def rollout_bytes(c: SDARConfig, config: Any, mesh: MeshShape, slots: int, capacity: int) -> float:
+    """Planned peak bytes per device of the rollout engine's programs: its parameters (in
+    ``train.param_dtype``, sharded over ``fsdp x tensor`` of the engine's mesh) and the KV cache
+    of its slots (rows over ``data x fsdp``)."""
+    param_bytes = 4 if config.train.param_dtype == "float32" else 2
+    return (param_bytes * parameter_count(c) / (mesh.fsdp * mesh.tensor)
+            + kv_cache_bytes(c, slots / (mesh.data * mesh.fsdp), capacity, mesh.tensor))
+
+
+def kv_cache_bytes(c: SDARConfig, slots: int, capacity: int, tensor: int = 1) -> float:
+    """bf16 keys and values of every layer for ``slots`` rows of ``capacity`` cache slots."""
+    return (slots * capacity * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim
+            * BF16_BYTES / tensor)

@@ -55,6 +55,7 @@ class Program:
     mesh: jax.sharding.Mesh
     build: Callable[[], Any]
     detail: str = ""
+    engine: dict[str, int] = dataclasses.field(default_factory=dict)  # rollout: slots, capacity
     attention_impls: list[str] = dataclasses.field(default_factory=list)
 
     def lower(self) -> Any:
@@ -182,6 +183,17 @@ def rollout_rows(config: ConfigDict, process_count: int) -> int:
     return -(-r.prompts_per_step * r.group_size * oversample // process_count)
 
 
+def engine_shape(config: ConfigDict, sampling: SamplingConfig, engine_mesh: jax.sharding.Mesh,
+                 hosts: int, slots: int | None = None) -> tuple[int, int, int]:
+    """``(slots, prompt bucket, cache slots per row)`` of the engine's largest programs: the
+    slots rounded up to the data shards as the decoder rounds them, the longest prompt bucket."""
+    rows = slots or rollout_rows(config, hosts)
+    shards = int(np.prod([engine_mesh.shape[a] for a in decoder.row_axes(engine_mesh)]))
+    rows = -(-rows // shards) * shards
+    bucket = -(-config.rollout.max_prompt_tokens // decoder.PROMPT_BUCKET) * decoder.PROMPT_BUCKET
+    return rows, bucket, decoder.capacity_for(bucket, sampling)
+
+
 def rollout_programs(config: ConfigDict, model_config: SDARConfig, mesh: jax.sharding.Mesh,
                      slots: int | None = None) -> list[Program]:
     """The in-process engine's programs on the mesh a run decodes on (the trainer's for one host;
@@ -200,11 +212,7 @@ def rollout_programs(config: ConfigDict, model_config: SDARConfig, mesh: jax.sha
     sampling = SamplingConfig.from_fields(
         r, block_size=model_config.block_size, mask_token_id=model_config.mask_token_id,
         stop_ids=(model_config.eos_token_id or 0,), attn_impl=config.model.attention_impl)
-    rows = slots or rollout_rows(config, len(hosts))
-    shards = int(np.prod([engine_mesh.shape[a] for a in decoder.row_axes(engine_mesh)]))
-    rows = -(-rows // shards) * shards
-    bucket = -(-r.max_prompt_tokens // decoder.PROMPT_BUCKET) * decoder.PROMPT_BUCKET
-    capacity = decoder.capacity_for(bucket, sampling)
+    rows, bucket, capacity = engine_shape(config, sampling, engine_mesh, len(hosts), slots)
     model = abstract_train_model(config, model_config)
     graphdef, params = sharded_params(model, engine_mesh, which=None)
     state = jax.eval_shape(lambda: decoder.empty_slots(model, rows, capacity, sampling))
@@ -224,12 +232,15 @@ def rollout_programs(config: ConfigDict, model_config: SDARConfig, mesh: jax.sha
                                                            capacity, fused),
                          donate_argnums=1)
     where = f"{rows} slots x {capacity} cache slots, {'fused' if fused else 'separate'} commit"
+    shape = {"slots": rows, "capacity": capacity}
     return [
-        Program("rollout_prefill", engine_mesh, prefill, f"{rows} prompts x {bucket} tokens"),
-        Program("rollout_block_step", engine_mesh, lambda: block_step.lower(params, state), where),
+        Program("rollout_prefill", engine_mesh, prefill, f"{rows} prompts x {bucket} tokens",
+                engine=shape),
+        Program("rollout_block_step", engine_mesh, lambda: block_step.lower(params, state), where,
+                engine=shape),
         Program("rollout_chunk", engine_mesh, functools.partial(
             decoder.run_chunk_jit.lower, graphdef, params, state, ints(()), sampling, capacity,
-            fused, None), where),
+            fused, None), where, engine=shape),
     ]
 
 

@@ -42,6 +42,7 @@ class Record:
     compile_seconds: float
     detail: str
     fields_to_change: str
+    engine: dict[str, int] = dataclasses.field(default_factory=dict)
     error: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,13 +62,26 @@ def attention_summary(impls: list[str]) -> str:
     return "+".join(name for name, _ in counts.most_common()) or "none"
 
 
+def _identity(program: Program, topology: str, chip: Chip) -> dict[str, Any]:
+    mesh = program.mesh
+    return dict(program=program.name, topology=topology, chips=mesh.devices.size,
+                mesh={name: int(size) for name, size in mesh.shape.items()},
+                hbm_bytes=chip.hbm_bytes, detail=program.detail, engine=program.engine,
+                fields_to_change=program.fields_to_change)
+
+
+def failed_record(program: Program, topology: str, chip: Chip, error: str, seconds: float) -> Record:
+    """The record of a program that did not compile (``error`` says why)."""
+    return Record(**_identity(program, topology, chip),
+                  attention_impl=attention_summary(program.attention_impls), mosaic_calls=0,
+                  argument_bytes=0, output_bytes=0, temp_bytes=0, code_bytes=0, alias_bytes=0,
+                  peak_bytes=0, fits=False, headroom=0.0, flops=0.0, bytes_accessed=0.0,
+                  predicted_seconds=0.0, compile_seconds=seconds, error=error)
+
+
 def compile_program(program: Program, topology: str, chip: Chip) -> Record:
     """Lowers and compiles ``program``; a compile failure is a record with ``error`` set."""
-    mesh = program.mesh
-    base = dict(program=program.name, topology=topology, chips=mesh.devices.size,
-                mesh={name: int(size) for name, size in mesh.shape.items()},
-                hbm_bytes=chip.hbm_bytes, detail=program.detail,
-                fields_to_change=program.fields_to_change)
+    base = _identity(program, topology, chip)
     start = time.time()
     try:
         compiled = program.lower().compile()
@@ -79,11 +93,8 @@ def compile_program(program: Program, topology: str, chip: Chip) -> Record:
                                         else text.split("CompileTimeHbmOom:", 1)[1].strip().splitlines()[0])
         else:
             first = text.splitlines()[0] if text else type(e).__name__
-        return Record(**base, attention_impl=attention_summary(program.attention_impls),
-                      mosaic_calls=0, argument_bytes=0, output_bytes=0, temp_bytes=0,
-                      code_bytes=0, alias_bytes=0, peak_bytes=0, fits=False, headroom=0.0,
-                      flops=0.0, bytes_accessed=0.0, predicted_seconds=0.0,
-                      compile_seconds=time.time() - start, error=f"{type(e).__name__}: {first}")
+        return failed_record(program, topology, chip, f"{type(e).__name__}: {first}",
+                             time.time() - start)
     seconds = time.time() - start
     memory = compiled.memory_analysis()
     argument, output = memory.argument_size_in_bytes, memory.output_size_in_bytes
