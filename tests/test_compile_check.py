@@ -208,3 +208,15 @@ def test_a_compile_error_is_a_record_naming_it():
         "dipo_score does not fit a v5e:2x4 chip (the total memory required for HLO temporaries "
         "(20.23G) exceeds available HBM (15.75G)); change train.canvas_rows, train.row_length, "
         "mesh.fsdp, mesh.tensor, train.logprob_chunk"]
+
+
+@needs_tpu_compiler
+def test_find_micro_batch_prints_the_largest_fitting_override(tmp_path):
+    # 16 rows over data x fsdp = 4: 1, 2 or 4 rows per chip; all fit a v5p chip, so the search
+    # ends at the largest, grad_accum 1 (doubling 1 -> 2, then one bisection step to 4)
+    result, report = compile_check([*SFT_TINY, "--config.train.grad_accum=4", "--find-micro-batch"],
+                                   tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert report["search"] == {"overrides": ["--config.train.grad_accum=1"],
+                                "micro_rows_per_chip": 4, "grad_accum": 1}
+    assert "largest that fits with 10 % headroom: --config.train.grad_accum=1" in result.stdout
