@@ -204,6 +204,7 @@ def test_a_compile_error_is_a_record_naming_it():
                            "4.5G. Total hbm usage >= 20.2G: the total memory required for HLO "
                            "temporaries (20.23G) exceeds available HBM (15.75G). HLO module: x.")
     record = compile_program(Program("dipo_score", mesh, out_of_memory), "v5e:2x4", CHIPS["v5e"])
+    assert record.peak_bytes == int(20.2 * GIB)  # the compiler's count
     assert problems([record]) == [
         "dipo_score does not fit a v5e:2x4 chip (the total memory required for HLO temporaries "
         "(20.23G) exceeds available HBM (15.75G)); change train.canvas_rows, train.row_length, "

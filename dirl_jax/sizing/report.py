@@ -70,12 +70,24 @@ def _identity(program: Program, topology: str, chip: Chip) -> dict[str, Any]:
                 fields_to_change=program.fields_to_change)
 
 
-def failed_record(program: Program, topology: str, chip: Chip, error: str, seconds: float) -> Record:
-    """The record of a program that did not compile (``error`` says why)."""
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def compiler_hbm_usage(text: str) -> int:
+    """The HBM bytes the TPU compiler's out-of-memory message says the program needs
+    (``Used 20.2G of 15.75G hbm``), 0 when it says none."""
+    found = re.search(r"Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm", text)
+    return int(float(found.group(1)) * _UNITS[found.group(2)]) if found else 0
+
+
+def failed_record(program: Program, topology: str, chip: Chip, error: str, seconds: float,
+                  peak_bytes: int = 0) -> Record:
+    """The record of a program that did not compile (``error`` says why; ``peak_bytes``: what
+    the compiler said it needs, when it ran out of HBM)."""
     return Record(**_identity(program, topology, chip),
                   attention_impl=attention_summary(program.attention_impls), mosaic_calls=0,
                   argument_bytes=0, output_bytes=0, temp_bytes=0, code_bytes=0, alias_bytes=0,
-                  peak_bytes=0, fits=False, headroom=0.0, flops=0.0, bytes_accessed=0.0,
+                  peak_bytes=peak_bytes, fits=False, headroom=0.0, flops=0.0, bytes_accessed=0.0,
                   predicted_seconds=0.0, compile_seconds=seconds, error=error)
 
 
@@ -94,7 +106,7 @@ def compile_program(program: Program, topology: str, chip: Chip) -> Record:
         else:
             first = text.splitlines()[0] if text else type(e).__name__
         return failed_record(program, topology, chip, f"{type(e).__name__}: {first}",
-                             time.time() - start)
+                             time.time() - start, peak_bytes=compiler_hbm_usage(text))
     seconds = time.time() - start
     memory = compiled.memory_analysis()
     argument, output = memory.argument_size_in_bytes, memory.output_size_in_bytes
