@@ -18,7 +18,7 @@ from dirl_jax.model import SDARConfig
 from dirl_jax.sizing import check as check_lib
 from dirl_jax.sizing.chips import CHIPS, GIB, Chip, parse_slice
 from dirl_jax.sizing.programs import Program
-from dirl_jax.sizing.report import compile_program, problems
+from dirl_jax.sizing.report import compile_program, compiler_hbm_usage, problems
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TPU_PYTHON = REPO / ".venv-tpu" / "bin" / "python"
@@ -205,6 +205,8 @@ def test_a_compile_error_is_a_record_naming_it():
                            "temporaries (20.23G) exceeds available HBM (15.75G). HLO module: x.")
     record = compile_program(Program("dipo_score", mesh, out_of_memory), "v5e:2x4", CHIPS["v5e"])
     assert record.peak_bytes == int(20.2 * GIB)  # the compiler's count
+    assert compiler_hbm_usage("the total memory required for HLO temporaries (84.70G) exceeds "
+                              "available HBM (31.24G)") == int(84.70 * GIB)
     assert problems([record]) == [
         "dipo_score does not fit a v5e:2x4 chip (the total memory required for HLO temporaries "
         "(20.23G) exceeds available HBM (15.75G)); change train.canvas_rows, train.row_length, "

@@ -75,8 +75,10 @@ _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 def compiler_hbm_usage(text: str) -> int:
     """The HBM bytes the TPU compiler's out-of-memory message says the program needs
-    (``Used 20.2G of 15.75G hbm``), 0 when it says none."""
-    found = re.search(r"Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm", text)
+    (``Used 20.2G of 15.75G hbm``, else ``total memory required for HLO temporaries (20.23G)``),
+    0 when it says none."""
+    found = (re.search(r"Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm", text)
+             or re.search(r"total memory required for HLO temporaries \(([\d.]+)([KMGT]?)\)", text))
     return int(float(found.group(1)) * _UNITS[found.group(2)]) if found else 0
 
 
