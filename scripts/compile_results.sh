@@ -7,7 +7,8 @@
 # Each MODEL:SLICE compiles configs/sft_sdar8b.py and configs/dipo_sdar8b.py with --model MODEL
 # on the slice, at the per-chip micro-batch the planner picks (SFT: grad_accum; DiPO: one canvas
 # row per data x fsdp shard, 64 engine slots per host), with --compare-plan. One 8B program takes
-# 2-4 minutes on a 2-core host. Exit status 1 when any compile check failed (the JSON says why).
+# 2-4 minutes on a 2-core host. Prints the summary table of every docs/results/compile_*.json at
+# the end; exit status 1 when any compile check failed (the JSON says why).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv-tpu/bin/python
@@ -46,4 +47,6 @@ PY
       --out "runs/compile/dipo_$tag" || status=1
   cp "runs/compile/dipo_$tag/compile_report.json" "docs/results/compile_dipo_$tag.json" 2>/dev/null
 done
+echo "== summary (docs/SCALING.md)" >&2
+"$PY" -m dirl_jax.sizing.summary docs/results/compile_*.json
 exit $status
