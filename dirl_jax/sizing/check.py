@@ -118,7 +118,8 @@ def compile_in_child(argv: Sequence[str], overrides: Sequence[str], program: Pro
     status = (f"killed by signal {-result.returncode}" if result.returncode < 0
               else f"exit status {result.returncode}")
     return failed_record(program, slice_.topology, slice_.chip,
-                         f"the compiler process ended ({status}): {why.strip()}", time.time() - start)
+                         f"the compiler process ended ({status}): {why.strip()}", time.time() - start,
+                         attention_impl="unknown (the child ended)")
 
 
 def compile_all(config: ConfigDict, model_config: SDARConfig, slice_: Slice, devices: list[Any],

@@ -83,13 +83,13 @@ def compiler_hbm_usage(text: str) -> int:
 
 
 def failed_record(program: Program, topology: str, chip: Chip, error: str, seconds: float,
-                  peak_bytes: int = 0) -> Record:
+                  peak_bytes: int = 0, attention_impl: str | None = None) -> Record:
     """The record of a program that did not compile (``error`` says why; ``peak_bytes``: what
     the compiler said it needs, when it ran out of HBM)."""
     return Record(**_identity(program, topology, chip),
-                  attention_impl=attention_summary(program.attention_impls), mosaic_calls=0,
-                  argument_bytes=0, output_bytes=0, temp_bytes=0, code_bytes=0, alias_bytes=0,
-                  peak_bytes=peak_bytes, fits=False, headroom=0.0, flops=0.0, bytes_accessed=0.0,
+                  attention_impl=attention_impl or attention_summary(program.attention_impls),
+                  mosaic_calls=0, argument_bytes=0, output_bytes=0, temp_bytes=0, code_bytes=0,
+                  alias_bytes=0, peak_bytes=peak_bytes, fits=False, headroom=0.0, flops=0.0, bytes_accessed=0.0,
                   predicted_seconds=0.0, compile_seconds=seconds, error=error)
 
 
