@@ -23,9 +23,6 @@ from ml_collections import ConfigDict
 from dirl_jax.cli import fail, run_config_command
 from dirl_jax.config import sft_defaults
 
-REPORT = "compile_report.json"
-
-
 def _quiet_libtpu() -> None:
     """A CPU host has no TPU metadata server and no chip to lock: libtpu is told so instead of
     logging about it, and several compile checks may run at once."""

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dirl_jax.compile_check import dashed_flags
+from dirl_jax.compile_check import child_command_line, dashed_flags
 from dirl_jax.model import SDARConfig
 from dirl_jax.sizing import check as check_lib
 from dirl_jax.sizing.chips import CHIPS, GIB, Chip, parse_slice
@@ -167,6 +167,14 @@ def test_dashed_flags_become_absl_names():
                          "--config.train.grad_accum=2", "--no-compare-plan"]) == [
         "x", "--model_config=a", "--find_micro_batch", "--compare_plan",
         "--config.train.grad_accum=2", "--nocompare_plan"]
+
+
+def test_a_child_repeats_the_run_but_not_the_outputs_or_searches():
+    argv = ["compile_check", "--config", "c.py", "--config.train.grad_accum=2", "--out", "DIR",
+            "--topology", "v5p-64", "--programs=a,b", "--find_micro_batch", "--nocompare_plan",
+            "--model", "SDAR-8B", "--record_to=f"]
+    assert child_command_line(argv) == ["--config", "c.py", "--config.train.grad_accum=2",
+                                        "--topology", "v5p-64", "--model", "SDAR-8B"]
 
 
 def test_report_arithmetic_on_a_cpu_compile():
