@@ -92,6 +92,8 @@ class Checkpointer:
         self.check()
         if not (force or self.should_save(step)):
             return False
+        with self._write_errors():  # the previous save's outcome first (orbax would wait for it
+            self.manager.wait_until_finished()  # anyway): its failure stops the run here
         self.check_free_space(step, state)
         meta = {**meta, "fingerprint": fingerprints(state)}
         with self._write_errors():
