@@ -99,7 +99,7 @@ def sft_defaults() -> ConfigDict:
         hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, block_size=4, rope_theta=10000.0,
         tie_word_embeddings=False, remat=False,
-        attention_impl="auto"))           # dirl_jax.attention impl: auto | reference | tiled | splash | pallas_gpu
+        attention_impl="auto"))           # dirl_jax.attention impl: auto | reference | tiled | splash | pallas_gpu | pallas_tpu
     config.data = ConfigDict(dict(
         source="builtin:arithmetic",      # .jsonl/.json/.parquet file, HF datasets name, or builtin:arithmetic
         split="train", max_length=128, overlong="drop", packing_bins=8, **BUILTIN_DATA))

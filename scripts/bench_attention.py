@@ -30,7 +30,7 @@ from dirl_jax.attention import DEFAULT_TILES, attention, resolve_impl
 from dirl_jax.attention import schedule as schedule_lib
 
 PLATFORM_IMPLS = {"cpu": ["reference", "tiled", "flex_torch"], "gpu": ["reference", "tiled", "pallas_gpu", "flex_torch"],
-                  "tpu": ["reference", "tiled", "splash"]}
+                  "tpu": ["reference", "tiled", "splash", "pallas_tpu"]}
 BACKWARD_FACTOR = 3.5
 
 

@@ -42,7 +42,7 @@ def test_reference_attention_matches_float64_numpy(seed, heads, kv_heads):
 def test_attention_rejects_unknown_impl_and_ambiguous_masks():
     x = jnp.zeros((1, 2, 2, 4))
     mask = jnp.ones((1, 2, 2), bool)
-    with pytest.raises(ValueError, match="unknown attention impl 'flash'; available: auto, reference, tiled, splash, pallas_gpu"):
+    with pytest.raises(ValueError, match="unknown attention impl 'flash'; available: auto, reference, tiled, splash, pallas_gpu, pallas_tpu"):
         attention(x, x, x, mask=mask, impl="flash")
     with pytest.raises(ValueError, match="exactly one of"):
         attention(x, x, x)
@@ -179,12 +179,12 @@ def test_tiled_inside_shard_map_over_batch_and_heads(seed):
 def test_auto_resolves_by_platform():
     assert resolve_impl("auto", platform="cpu") == "tiled"
     assert resolve_impl("auto", platform="gpu") == "pallas_gpu"
-    assert resolve_impl("auto", platform="tpu") == "tiled"
+    assert resolve_impl("auto", platform="tpu") == "pallas_tpu"  # a data-dependent mask (DiPO)
     assert resolve_impl("auto", platform="tpu",
                         layout=canvas_lib.StreamMajorLayout(64, 4, rounds=1)) == "splash"
-    # Splash tiles are 128 long: other canvas lengths fall back to the tiled path.
+    # Splash tiles are 128 long: other canvas lengths run the schedule-driven TPU kernel.
     assert resolve_impl("auto", platform="tpu",
-                        layout=canvas_lib.StreamMajorLayout(40, 4, rounds=1)) == "tiled"
+                        layout=canvas_lib.StreamMajorLayout(40, 4, rounds=1)) == "pallas_tpu"
     assert resolve_impl("auto", has_mask=True, platform="gpu") == "reference"
     assert resolve_impl("auto", platform="gpu", q_len=4) == "reference"  # one decoding block
     assert resolve_impl("auto", platform="cpu", q_len=65) == "tiled"
@@ -194,7 +194,7 @@ def test_auto_resolves_by_platform():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["splash", "pallas_gpu", "pallas_tpu"])
 def test_model_runs_every_kernel_through_the_dispatch(seed, impl):
     """The SFT forward with each accelerator kernel (interpreted on CPU) equals the reference."""
     from conftest import random_model, tiny_config

@@ -99,6 +99,11 @@ def test_dipo_lists_every_program_of_the_run(tiny_model_config, tmp_path):
     assert records["rollout_block_step"]["attention_impl"] == "reference"
     assert "fused commit" in records["rollout_block_step"]["detail"]  # TPU: fused, not CPU's separate
     assert records["dipo_gradients"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    # the multi-round canvas's mask is data: the schedule-driven Mosaic kernel, never interpreted
+    assert records["dipo_gradients"]["attention_impl"] == "pallas_tpu"
+    assert records["dipo_gradients"]["mosaic_calls"] >= 3  # fwd, dk/dv, dq
+    assert records["dipo_score"]["attention_impl"] == "pallas_tpu"
+    assert records["dipo_score"]["mosaic_calls"] >= 1
 
 
 @needs_tpu_compiler

@@ -7,9 +7,11 @@ impl           what                                                             
 ``tiled``      pure-JAX block-sparse flash attention over the exact tile schedule   any
 ``splash``     jax's Splash kernel with a static stream-major mask (needs layout)   TPU
 ``pallas_gpu`` Pallas/Triton block-sparse flash attention over the tile schedule    GPU
+``pallas_tpu`` Pallas/Mosaic block-sparse flash attention over the tile schedule    TPU
 ``auto``       ``reference`` for a query chunk of <= 64 tokens (decoding one block),
                ``splash`` on TPU when a layout of a length divisible by 128 is given,
-               ``pallas_gpu`` on GPU,
+               ``pallas_tpu`` on TPU otherwise (a data-dependent mask: DiPO canvases,
+               KV caches), ``pallas_gpu`` on GPU,
                ``tiled`` elsewhere; ``reference`` for an explicit mask
 =============  ===================================================================  ==========
 """
@@ -28,9 +30,11 @@ from dirl_jax.attention.reference import reference_attention
 from dirl_jax.attention.tiled import tiled_attention
 from dirl_jax.sharding import rules_for_mesh
 
-IMPLEMENTATIONS = ("auto", "reference", "tiled", "splash", "pallas_gpu")
-# (q_tile, kv_tile) per block-sparse impl; tiled's is the fastest measured on CPU (docs/PERFORMANCE.md).
-DEFAULT_TILES = {"tiled": (128, 256), "pallas_gpu": (64, 64)}
+IMPLEMENTATIONS = ("auto", "reference", "tiled", "splash", "pallas_gpu", "pallas_tpu")
+# (q_tile, kv_tile) per block-sparse impl; tiled's is the fastest measured on CPU (docs/PERFORMANCE.md);
+# pallas_tpu's are Splash's defaults (a TPU grid step costs ~0.35 us: 128-wide tiles would spend
+# more time stepping than multiplying).
+DEFAULT_TILES = {"tiled": (128, 256), "pallas_gpu": (64, 64), "pallas_tpu": (512, 512)}
 DECODE_QUERY_LEN = 64
 SPLASH_BLOCK = 128  # Splash tiles; canvases of other lengths run ``tiled`` under ``auto``
 
@@ -76,8 +80,9 @@ def resolve_impl(impl: str, *, has_mask: bool = False, layout: Any = None,
     if has_mask or (q_len is not None and q_len <= DECODE_QUERY_LEN):
         return "reference"
     platform = platform or target_platform()
-    if platform == "tpu" and layout is not None and layout.length % SPLASH_BLOCK == 0:
-        return "splash"
+    if platform == "tpu":
+        splash_fits = layout is not None and layout.length % SPLASH_BLOCK == 0
+        return "splash" if splash_fits else "pallas_tpu"
     if platform in ("gpu", "cuda", "rocm"):
         return "pallas_gpu"
     return "tiled"
@@ -163,6 +168,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         kernel = functools.partial(_block_sparse, pallas_gpu_attention,
                                    tile=tile or DEFAULT_TILES["pallas_gpu"], scale=scale,
                                    interpret=backend not in ("gpu", "cuda", "rocm"))
+        return _per_device(kernel, q, k, v, q_canvas, kv_canvas)
+    if impl == "pallas_tpu":  # interpreted where there is no TPU
+        from dirl_jax.attention.pallas_tpu import pallas_tpu_attention
+        kernel = functools.partial(_block_sparse, pallas_tpu_attention,
+                                   tile=tile or DEFAULT_TILES["pallas_tpu"], scale=scale,
+                                   interpret=backend != "tpu")
         return _per_device(kernel, q, k, v, q_canvas, kv_canvas)
     from dirl_jax.attention.splash import splash_attention
     if layout is None:
