@@ -72,6 +72,7 @@ def random_inputs(rng, q_canvas: Canvas, kv_canvas: Canvas, heads: int, kv_heads
         (4, 2, 4, 2, 16, 256, 128, 128),  # two heads per kv head, 2 x 2 tiles
         (8, 3, 2, 1, 32, 512, 128, 256),  # unequal tiles, several kv-tiles per q-tile
         (2, 1, 2, 2, 16, 64, 64, 64),  # a canvas shorter than 128: one whole-length tile
+        (4, 2, 4, 2, 128, 256, 128, 128),  # head_dim 128: heads as column blocks, no transposes
     ],
 )
 def test_self_attention_matches_reference(seed, block_size, rounds, heads, kv_heads, head_dim,

@@ -22,6 +22,7 @@ length when shorter); q, k and v share a dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -181,10 +182,67 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, inte
         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Heads:
+    """How q/k/v (and their gradients and the output) lie in HBM for the kernels.
+
+    ``flat``: ``[batch, len, heads * head_dim]``, the projections' own layout, each head a
+    ``head_dim``-wide column block (needs ``head_dim % 128 == 0``, SDAR's 128 included): no
+    transposes around the kernels. Otherwise heads-major ``[batch, heads, len, head_dim]``.
+    """
+
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    flat: bool
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+    def to_kernel(self, x: jax.Array) -> jax.Array:
+        """``[batch, len, h, head_dim]`` → the kernels' layout."""
+        if self.flat:
+            return x.reshape(*x.shape[:2], x.shape[2] * x.shape[3])
+        return jnp.swapaxes(x, 1, 2)
+
+    def from_kernel(self, x: jax.Array, heads: int) -> jax.Array:
+        if self.flat:
+            return x.reshape(*x.shape[:2], heads, self.head_dim)
+        return jnp.swapaxes(x, 1, 2)
+
+    def shape(self, length: int, heads: int) -> tuple[int, ...]:
+        if self.flat:
+            return (self.batch, length, heads * self.head_dim)
+        return (self.batch, heads, length, self.head_dim)
+
+    def spec(self, tile: int, index) -> pl.BlockSpec:
+        """The ``[tile, head_dim]`` block of one head at ``index(*grid, *refs) = (b, head, tile)``."""
+        if self.flat:
+            def flat_map(*a):
+                b, h, t = index(*a)
+                return b, t, h
+            return pl.BlockSpec((None, tile, self.head_dim), flat_map)
+
+        def heads_map(*a):
+            b, h, t = index(*a)
+            return b, h, t, 0
+        return pl.BlockSpec((None, None, tile, self.head_dim), heads_map)
+
+
+def _row_spec(tile: int, index) -> pl.BlockSpec:
+    """A ``[1, tile]`` block of a per-row statistic ``f32[batch, heads, 1, len]``."""
+    def row_map(*a):
+        b, h, t = index(*a)
+        return b, h, 0, t
+    return pl.BlockSpec((None, None, 1, tile), row_map)
+
+
 _ROW_PARALLEL = ("parallel", "parallel", "parallel", "arbitrary")
 
 
-def _q_major_specs(schedule: TileSchedule, head_dim: int, groups: int):
+def _q_major_specs(schedule: TileSchedule, heads: _Heads):
     """Specs for a ``(batch, head, q_tile, n)`` grid whose kv-tile is the ``n``-th of the q-tile."""
     nq, width = schedule.kv_of_q.ids.shape[1:]
     tq, tk = schedule.q_tile, schedule.kv_tile
@@ -192,93 +250,91 @@ def _q_major_specs(schedule: TileSchedule, head_dim: int, groups: int):
     def kv_of(b, h, i, n, ids, kinds, counts):
         return ids[(b * nq + i) * width + n]
 
-    q_block = pl.BlockSpec((None, None, tq, head_dim), lambda b, h, i, n, *_: (b, h, i, 0))
-    kv_block = pl.BlockSpec((None, None, tk, head_dim),
-                            lambda b, h, i, n, *s: (b, lax.div(h, groups), kv_of(b, h, i, n, *s), 0))
-    row_block = pl.BlockSpec((None, None, 1, tq), lambda b, h, i, n, *_: (b, h, 0, i))
+    q_block = heads.spec(tq, lambda b, h, i, n, *_: (b, h, i))
+    kv_block = heads.spec(tk, lambda b, h, i, n, *s: (b, lax.div(h, heads.groups), kv_of(b, h, i, n, *s)))
+    row_block = _row_spec(tq, lambda b, h, i, n, *_: (b, h, i))
     tags = _tag_specs(tq, tk, lambda b, h, i, n, *_: i, kv_of)
     return q_block, kv_block, row_block, tags, nq, width
 
 
-def _forward(q, k, v, schedule: TileSchedule, tags, scale: float, interpret: bool):
-    """Output ``[B, H, T, D]`` and log-sum-exp ``f32[B, H, 1, T]`` (heads-major inputs)."""
-    batch, heads, q_len, head_dim = q.shape
-    groups, tq = heads // k.shape[1], schedule.q_tile
-    q_block, kv_block, _, tag_specs, nq, width = _q_major_specs(schedule, head_dim, groups)
+def _forward(q, k, v, schedule: TileSchedule, tags, heads: _Heads, scale: float, interpret: bool):
+    """Output (the kernels' layout) and log-sum-exp ``f32[B, H, 1, T]``."""
+    q_len, tq = tags[0].shape[1], schedule.q_tile
+    q_block, kv_block, _, tag_specs, nq, width = _q_major_specs(schedule, heads)
     lse_block = pl.BlockSpec((None, None, tq, LANES), lambda b, h, i, n, *_: (b, h, i, 0))
     out, lse = _call(
         functools.partial(_forward_kernel, scale=scale, width=width, num_tiles=nq,
                           kv_tile=schedule.kv_tile),
-        (batch, heads, nq, width), [q_block, kv_block, kv_block, *tag_specs],
+        (heads.batch, heads.heads, nq, width), [q_block, kv_block, kv_block, *tag_specs],
         [q_block, lse_block],
         [jax.ShapeDtypeStruct(q.shape, v.dtype),
-         jax.ShapeDtypeStruct((batch, heads, q_len, LANES), jnp.float32)],
+         jax.ShapeDtypeStruct((heads.batch, heads.heads, q_len, LANES), jnp.float32)],
         [pltpu.VMEM((tq, LANES), jnp.float32), pltpu.VMEM((tq, LANES), jnp.float32),
-         pltpu.VMEM((tq, head_dim), jnp.float32)],
+         pltpu.VMEM((tq, heads.head_dim), jnp.float32)],
         _ROW_PARALLEL, interpret, "canvas_attention_fwd",
     )(*_flat(schedule.kv_of_q), q, k, v, *tags)
     return out, lse[..., 0][:, :, None, :]
 
 
-def _dq(q, k, v, do, lse, delta, schedule: TileSchedule, tags, scale: float, interpret: bool):
-    batch, heads, q_len, head_dim = q.shape
-    groups = heads // k.shape[1]
-    q_block, kv_block, row_block, tag_specs, nq, width = _q_major_specs(schedule, head_dim, groups)
+def _dq(q, k, v, do, lse, delta, schedule: TileSchedule, tags, heads: _Heads, scale: float,
+        interpret: bool):
+    q_block, kv_block, row_block, tag_specs, nq, width = _q_major_specs(schedule, heads)
     return _call(
         functools.partial(_dq_kernel, scale=scale, width=width, num_tiles=nq,
                           kv_tile=schedule.kv_tile),
-        (batch, heads, nq, width),
+        (heads.batch, heads.heads, nq, width),
         [q_block, kv_block, kv_block, q_block, row_block, row_block, *tag_specs], q_block,
-        jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((schedule.q_tile, head_dim), jnp.float32)],
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        [pltpu.VMEM((schedule.q_tile, heads.head_dim), jnp.float32)],
         _ROW_PARALLEL, interpret, "canvas_attention_dq",
     )(*_flat(schedule.kv_of_q), q, k, v, do, lse, delta, *tags)
 
 
-def _dkv(q, k, v, do, lse, delta, schedule: TileSchedule, tags, scale: float, interpret: bool):
+def _dkv(q, k, v, do, lse, delta, schedule: TileSchedule, tags, heads: _Heads, scale: float,
+         interpret: bool):
     """dk, dv over grid ``(batch, kv_head, kv_tile, group, n)``."""
-    batch, heads, _, head_dim = q.shape
-    kv_heads = k.shape[1]
-    groups, tq, tk = heads // kv_heads, schedule.q_tile, schedule.kv_tile
+    groups, tq, tk = heads.groups, schedule.q_tile, schedule.kv_tile
     nk, width = schedule.q_of_kv.ids.shape[1:]
 
     def q_of(b, h, j, g, n, ids, kinds, counts):
         return ids[(b * nk + j) * width + n]
 
-    q_block = pl.BlockSpec((None, None, tq, head_dim),
-                           lambda b, h, j, g, n, *s: (b, h * groups + g, q_of(b, h, j, g, n, *s), 0))
-    row_block = pl.BlockSpec((None, None, 1, tq),
-                             lambda b, h, j, g, n, *s: (b, h * groups + g, 0, q_of(b, h, j, g, n, *s)))
-    kv_block = pl.BlockSpec((None, None, tk, head_dim), lambda b, h, j, g, n, *_: (b, h, j, 0))
+    def q_index(b, h, j, g, n, *s):
+        return b, h * groups + g, q_of(b, h, j, g, n, *s)
+
+    q_block, row_block = heads.spec(tq, q_index), _row_spec(tq, q_index)
+    kv_block = heads.spec(tk, lambda b, h, j, g, n, *_: (b, h, j))
     tag_specs = _tag_specs(tq, tk, q_of, lambda b, h, j, g, n, *_: j)
     return _call(
         functools.partial(_dkv_kernel, scale=scale, width=width, num_tiles=nk, groups=groups,
                           kv_tile=tk),
-        (batch, kv_heads, nk, groups, width),
+        (heads.batch, heads.kv_heads, nk, groups, width),
         [q_block, kv_block, kv_block, q_block, row_block, row_block, *tag_specs],
         [kv_block, kv_block],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        [pltpu.VMEM((tk, head_dim), jnp.float32), pltpu.VMEM((tk, head_dim), jnp.float32)],
+        [pltpu.VMEM((tk, heads.head_dim), jnp.float32), pltpu.VMEM((tk, heads.head_dim), jnp.float32)],
         ("parallel", "parallel", "parallel", "arbitrary", "arbitrary"), interpret,
         "canvas_attention_dkv",
     )(*_flat(schedule.q_of_kv), q, k, v, do, lse, delta, *tags)
 
 
 # --------------------------------------------------------------------------- custom vjp
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, schedule: TileSchedule, tags, scale: float, interpret: bool) -> jax.Array:
-    return _forward(q, k, v, schedule, tags, scale, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, schedule: TileSchedule, tags, heads: _Heads, scale: float,
+               interpret: bool) -> jax.Array:
+    return _forward(q, k, v, schedule, tags, heads, scale, interpret)[0]
 
 
-def _attention_fwd(q, k, v, schedule, tags, scale, interpret):
-    out, lse = _forward(q, k, v, schedule, tags, scale, interpret)
+def _attention_fwd(q, k, v, schedule, tags, heads, scale, interpret):
+    out, lse = _forward(q, k, v, schedule, tags, heads, scale, interpret)
     return out, (q, k, v, schedule, tags, out, lse)
 
 
-def _attention_bwd(scale, interpret, residuals, do):
+def _attention_bwd(heads, scale, interpret, residuals, do):
     q, k, v, schedule, tags, out, lse = residuals
-    delta = jnp.einsum("bhtd,bhtd->bht", out.astype(jnp.float32),
-                       do.astype(jnp.float32))[:, :, None, :]
-    args = (q, k, v, do, lse, delta, schedule, tags, scale, interpret)
+    delta = jnp.einsum("bthd,bthd->bht", *(heads.from_kernel(x, heads.heads).astype(jnp.float32)
+                                           for x in (out, do)))[:, :, None, :]
+    args = (q, k, v, do, lse, delta, schedule, tags, heads, scale, interpret)
     dk, dv = _dkv(*args)
     return _dq(*args), dk, dv, None, None
 
@@ -318,9 +374,10 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, schedule: Til
     if schedule.table.shape != (batch, q_len // schedule.q_tile, kv_len // schedule.kv_tile):
         raise ValueError(f"schedule table {schedule.table.shape} does not match q {q.shape}, k {k.shape}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    heads_major = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]
-    out = _attention(*heads_major, schedule, tuple(_tag_inputs(q_tags, kv_tags)), scale, interpret)
-    return jnp.swapaxes(out, 1, 2)
+    layout = _Heads(batch, heads, kv_heads, head_dim, flat=head_dim % LANES == 0)
+    out = _attention(*(layout.to_kernel(x) for x in (q, k, v)), schedule,
+                     tuple(_tag_inputs(q_tags, kv_tags)), layout, scale, interpret)
+    return layout.from_kernel(out, heads)
 
 
 __all__ = ["pallas_tpu_attention"]
