@@ -17,6 +17,7 @@ from dirl_jax import diffusion, dipo
 from dirl_jax import mesh as mesh_lib
 from dirl_jax.model import SDARConfig
 from dirl_jax.optim import learning_rate_schedule, updates_so_far
+from dirl_jax.sharding import named_shardings
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ConfigDict,
@@ -89,6 +90,9 @@ class Updater:
         @jax.jit
         def gradients(params, batch):
             (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
+            # sharded as the parameters: left to XLA, the gradients came back replicated
+            # (8B on v5p-64: 28.5 GiB per chip instead of 3.8 GiB)
+            grads = jax.lax.with_sharding_constraint(grads, named_shardings(params, mesh))
             return grads, {**stats, "loss": loss}
 
         @functools.partial(jax.jit, donate_argnums=0)
