@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dirl_jax import canvas as canvas_lib
+from dirl_jax.sharding import local_rows
 from dirl_jax.token_scores import chunked_token_scores
 
 NOT_RESPONSE = -1
@@ -65,7 +66,7 @@ class Trajectory:
 
 @dataclasses.dataclass(frozen=True)
 class PackedRounds:
-    """Canvas rows and the slots to score, as host arrays (``[rows, length]`` / ``[num_scored]``).
+    """Canvas rows and the slots to score, as host arrays (``[rows, length]`` / ``[scored]``).
 
     ``score_*`` list every committed response token once: canvas row and slot of its noisy copy
     in the round that committed it, its token id, its trajectory and whether it carries loss.
@@ -286,15 +287,30 @@ def loss_weights(packed: PackedRounds, trajectories: Sequence[Trajectory], aggre
     return np.where(loss, per_token[owner], 0.0)
 
 
+def scored_cells(packed: PackedRounds, first: int, stop: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scored tokens of canvas rows ``first..stop-1`` and their cells in a micro-batch's
+    ``[rows, scored_per_row]`` arrays: ``(indices into packed.score_*, row, column)``, columns in
+    packed order within each row."""
+    picked = np.flatnonzero((packed.score_row >= first) & (packed.score_row < stop))
+    row = packed.score_row[picked] - first
+    column = np.zeros(len(picked), np.int64)
+    for r in np.unique(row):
+        where = np.flatnonzero(row == r)
+        column[where] = np.arange(len(where))
+    return picked, row, column
+
+
 def micro_batches(packed: PackedRounds, trajectories: Sequence[Trajectory], old_logprobs: np.ndarray,
-                  *, rows: int, num_scored: int, aggregation: str = "token_mean"
+                  *, rows: int, scored_per_row: int, aggregation: str = "token_mean"
                   ) -> list[dict[str, np.ndarray]]:
     """Host arrays of fixed shapes (one compiled step for every micro-batch): ``rows`` canvas rows
-    each, scored tokens padded to ``num_scored`` with zero weight; the loss weights are those of
-    the whole rollout batch, so the micro-batch gradients sum to the batch gradient.
+    each, and each row's scored tokens ``[rows, scored_per_row]`` (padded with zero weight), so
+    a row and the tokens it scores live on the same device; the loss weights are those of the
+    whole rollout batch, so the micro-batch gradients sum to the batch gradient.
 
     ``old_logprobs`` are aligned with ``packed.score_*`` (the sampler's, or the trainer's
-    recomputed once per rollout batch).
+    recomputed once per rollout batch); :func:`scored_cells` maps them to the arrays' cells.
     """
     have_rows = packed.canvas.shape[0]
     weights = loss_weights(packed, trajectories, aggregation)
@@ -302,28 +318,30 @@ def micro_batches(packed: PackedRounds, trajectories: Sequence[Trajectory], old_
     out = []
     for first in range(0, have_rows, rows):
         stop = min(first + rows, have_rows)
-        picked = np.flatnonzero((packed.score_row >= first) & (packed.score_row < stop))
-        if len(picked) > num_scored:
-            raise ValueError(f"canvas rows {first}..{stop - 1} score {len(picked)} tokens; the step "
-                             f"is compiled for {num_scored}")
+        picked, row, column = scored_cells(packed, first, stop)
+        if len(picked) and column.max() >= scored_per_row:
+            worst = int(np.bincount(row).argmax())
+            raise ValueError(f"canvas row {first + worst} scores {np.bincount(row).max()} tokens; "
+                             f"the step is compiled for {scored_per_row} per row")
 
         def pad_rows(x: np.ndarray, fill: int) -> np.ndarray:
             return np.pad(np.asarray(x)[first:stop], ((0, rows - (stop - first)), (0, 0)),
                           constant_values=fill)
 
-        def pad_scored(x: np.ndarray, dtype) -> np.ndarray:
-            return np.pad(np.asarray(x, dtype)[picked], (0, num_scored - len(picked)))
+        def scored(x: np.ndarray, dtype) -> np.ndarray:
+            cells = np.zeros((rows, scored_per_row), dtype)
+            cells[row, column] = np.asarray(x, dtype)[picked]
+            return cells
 
         batch = {name: pad_rows(getattr(packed.canvas, name), fill) for name, fill in
                  (("tokens", 0), ("positions", 0), ("stream_ids", 0), ("block_ids", 0),
                   ("segment_ids", canvas_lib.PADDING_SEGMENT))}
-        batch.update(score_row=pad_scored(packed.score_row - first, np.int32),
-                     score_slot=pad_scored(packed.score_slot, np.int32),
-                     score_token=pad_scored(packed.score_token, np.int32),
-                     advantage=pad_scored(advantages[packed.score_trajectory], np.float32),
-                     old_logp=pad_scored(old_logprobs, np.float32),
-                     weight=pad_scored(weights, np.float32),
-                     loss_mask=pad_scored(packed.score_loss, np.float32))
+        batch.update(score_slot=scored(packed.score_slot, np.int32),
+                     score_token=scored(packed.score_token, np.int32),
+                     advantage=scored(advantages[packed.score_trajectory], np.float32),
+                     old_logp=scored(old_logprobs, np.float32),
+                     weight=scored(weights, np.float32),
+                     loss_mask=scored(packed.score_loss, np.float32))
         out.append(batch)
     return out
 
@@ -331,17 +349,23 @@ def micro_batches(packed: PackedRounds, trajectories: Sequence[Trajectory], old_
 # ----------------------------------------------------------------------------- objective
 def score_tokens(model, batch: dict[str, jax.Array], *, temperature: float, attn_impl: str = "auto",
                  chunk: int = 1024) -> tuple[jax.Array, jax.Array]:
-    """Log-prob and entropy of every scored token of a micro-batch at the rollout temperature:
-    one forward over the multi-round canvas, then the vocabulary a chunk of tokens at a time,
-    with the sampler's logits arithmetic. Tokens without loss score 0."""
+    """Log-prob and entropy ``[rows, scored_per_row]`` of every scored token of a micro-batch at
+    the rollout temperature: one forward over the multi-round canvas, then the vocabulary a chunk
+    of each row's tokens at a time, with the sampler's logits arithmetic. Tokens without loss
+    score 0."""
     canvas = canvas_lib.Canvas(tokens=batch["tokens"], positions=batch["positions"],
                                segment_ids=batch["segment_ids"], stream_ids=batch["stream_ids"],
                                block_ids=batch["block_ids"])
     hidden = model.hidden_states(canvas=canvas, attn_impl=attn_impl)
-    picked = hidden[batch["score_row"], batch["score_slot"]].astype(model.dtype)
-    return chunked_token_scores(picked, model.output_embedding().astype(model.dtype),
-                                batch["score_token"], batch["loss_mask"] > 0, chunk=chunk,
-                                temperature=temperature, logits_dtype=model.dtype)
+    picked = jnp.take_along_axis(hidden, batch["score_slot"][..., None], axis=1).astype(model.dtype)
+    embedding = model.output_embedding().astype(model.dtype)
+
+    def one_row(h: jax.Array, targets: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return chunked_token_scores(h, embedding, targets, active, chunk=row_chunk,
+                                    temperature=temperature, logits_dtype=model.dtype)
+    # rows stay where they are sharded: each device scores its own rows' tokens, ``chunk`` at once
+    row_chunk = max(1, chunk // local_rows(hidden.shape[0]))
+    return jax.vmap(one_row)(picked, batch["score_token"], batch["loss_mask"] > 0)
 
 
 def dipo_objective(model, batch: dict[str, jax.Array], cfg: LossConfig, *, temperature: float,

@@ -81,3 +81,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = DEFAULT_R
         parts = (axis,) if isinstance(axis, str) else axis or ()
         spec.append(axis if size % math.prod(sizes[a] for a in parts) == 0 else None)
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
+def local_rows(rows: int, rules: Rules = DEFAULT_RULES) -> int:
+    """How many of ``rows`` batch rows one device holds under the current mesh (``jax.set_mesh``;
+    all of them without one): rows are sharded over the ``batch`` rule's axes when they divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return rows
+    axis = dict(rules_for_mesh(mesh, rules))["batch"]
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    shards = math.prod(sizes[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))
+    return rows // shards if rows % shards == 0 else rows

@@ -486,7 +486,7 @@ def dipo_micro_batch(config: SDARConfig, shapes: Shapes, rows: int, row_length: 
     packed = dipo.pack_rounds(trajectories, block_size=BLOCK_SIZE, mask_token_id=config.mask_token_id,
                               row_length=row_length)
     return dipo.micro_batches(packed, trajectories, np.zeros(len(packed.score_slot), np.float32), rows=rows,
-                              num_scored=int(np.bincount(packed.score_row // rows).max()))[0]
+                              scored_per_row=int(np.bincount(packed.score_row).max()))[0]
 
 
 def time_dipo_update(ctx: Context, box: TimeBox) -> dict[str, Any]:

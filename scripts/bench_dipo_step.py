@@ -87,7 +87,7 @@ def jax_step(model: SDARForCausalLM, trajs: list[dipo.Trajectory]) -> tuple[Call
                               row_length=row_length)
     num_scored = len(packed.score_slot)
     zeros = np.zeros(num_scored, np.float32)
-    batch = dipo.micro_batches(packed, trajs, zeros, rows=1, num_scored=num_scored)[0]
+    batch = dipo.micro_batches(packed, trajs, zeros, rows=1, scored_per_row=num_scored)[0]
     graphdef, params = nnx.split(model, nnx.Param)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     current = jax.jit(lambda p, b: dipo.score_tokens(nnx.merge(graphdef, p), b, temperature=1.0)[0])

@@ -261,3 +261,25 @@ def test_dipo_gradients_come_back_sharded_as_the_parameters():
     assert len(sharded) >= 2 * TINY.num_hidden_layers  # the layers' matrices at least
     for got, want in sharded:
         assert got.is_equivalent_to(want, 2), (got, want)
+
+
+@pytest.mark.parametrize("program", ["dipo_gradients", "dipo_score"])
+def test_dipo_memory_per_device_does_not_grow_with_the_devices(program):
+    """One canvas row per device on 2 and on 8 devices (data parallel): each device holds the same
+    bytes. Scoring a flat list of every row's tokens instead gathers all rows' hidden states onto
+    every device (8B on v5p-64: 10.5 GiB per chip) and repeats the vocabulary projection there;
+    the tiled kernel's row loop outside ``shard_map`` gathered every row's q, k and v."""
+    from dirl_jax.config import dipo_defaults
+    from dirl_jax.mesh import make_mesh
+    from dirl_jax.sizing import programs as programs_lib
+    temps = []
+    for devices in (2, 8):
+        config = dipo_defaults()
+        config.train.update(canvas_rows=devices, row_length=512, logprob_chunk=64)
+        config.model.attention_impl = "tiled"  # O(length) memory: the scored tokens dominate
+        mesh = make_mesh((devices, 1, 1), jax.devices()[:devices])
+        compiled_program = next(p for p in programs_lib.dipo_update_programs(config, TINY, mesh)
+                                if p.name == program)
+        with jax.set_mesh(mesh):
+            temps.append(compiled_program.lower().compile().memory_analysis().temp_size_in_bytes)
+    assert temps[1] <= 1.02 * temps[0], temps

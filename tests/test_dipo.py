@@ -89,11 +89,19 @@ def per_round_logprobs(model, traj: dipo.Trajectory, mask_token_id: int, tempera
 
 def one_micro_batch(packed: dipo.PackedRounds, trajectories, old=None, aggregation="token_mean",
                     extra_scored: int = 3) -> dict[str, jnp.ndarray]:
-    count = len(packed.score_row)
-    old = np.zeros(count) if old is None else old
+    old = np.zeros(len(packed.score_row)) if old is None else old
+    per_row = int(np.bincount(packed.score_row).max())
     (batch,) = dipo.micro_batches(packed, trajectories, old, rows=packed.canvas.shape[0],
-                                  num_scored=count + extra_scored, aggregation=aggregation)
+                                  scored_per_row=per_row + extra_scored, aggregation=aggregation)
     return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def in_packed_order(packed: dipo.PackedRounds, values) -> np.ndarray:
+    """A one-micro-batch ``[rows, scored_per_row]`` result in ``packed.score_*`` order."""
+    picked, row, column = dipo.scored_cells(packed, 0, packed.canvas.shape[0])
+    out = np.zeros(len(packed.score_row))
+    out[picked] = np.asarray(values)[row, column]
+    return out
 
 
 def packed_logprobs(model, trajectories, mask_token_id: int, temperature: float, row_length: int):
@@ -104,7 +112,7 @@ def packed_logprobs(model, trajectories, mask_token_id: int, temperature: float,
                               row_length=row_length)
     logp, _ = dipo.score_tokens(model, one_micro_batch(packed, trajectories),
                                 temperature=temperature, chunk=7)
-    logp = np.asarray(logp)[:len(packed.score_row)]
+    logp = in_packed_order(packed, logp)
     per_traj = []
     for i, traj in enumerate(trajectories):
         rows = packed.score_trajectory == i
@@ -324,7 +332,8 @@ def test_objective_starts_at_ratio_one_and_a_step_follows_the_advantages(seed):
     assert float(stats["ratio_sum"]) == pytest.approx(len(packed.score_row), rel=1e-5)
     assert int(stats["loss_tokens"]) == len(packed.score_row)
     # one canvas row per micro-batch: the summed micro-batch gradients are the batch gradient
-    split = dipo.micro_batches(packed, trajectories, old, rows=1, num_scored=len(packed.score_row),
+    split = dipo.micro_batches(packed, trajectories, old, rows=1,
+                               scored_per_row=int(np.bincount(packed.score_row).max()),
                                aggregation="sequence_mean")
     assert len(split) == rows
     parts = [jax.value_and_grad(objective, has_aux=True)(params, {k: jnp.asarray(v) for k, v in b.items()})
@@ -342,12 +351,13 @@ def test_objective_starts_at_ratio_one_and_a_step_follows_the_advantages(seed):
     stepped = jax.tree.map(lambda p, g: p - 1e-3 * g / norm, params, grads)  # a small, first-order step
     # a small step along -grad raises the advantage-weighted log-probs (the surrogate at ratio 1)
     new_logp, _ = dipo.score_tokens(nnx.merge(graphdef, stepped), batch, temperature=1.0)
-    new_logp = np.asarray(new_logp)[:len(packed.score_row)]
+    new_logp = in_packed_order(packed, new_logp)
     sign = np.array(advantages)[packed.score_trajectory]
     assert float(np.sum(sign * (new_logp - old))) > 0
     assert np.abs(new_logp - old).max() > 1e-6  # the step moved the policy
-    with pytest.raises(ValueError, match="compiled for 1"):
-        dipo.micro_batches(packed, trajectories, old, rows=rows, num_scored=1)
+    with pytest.raises(ValueError, match=r"canvas row \d+ scores \d+ tokens; the step is "
+                                         r"compiled for 1 per row"):
+        dipo.micro_batches(packed, trajectories, old, rows=rows, scored_per_row=1)
 
 
 def test_chunked_token_scores_match_a_dense_softmax(seed):

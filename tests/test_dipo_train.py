@@ -212,8 +212,8 @@ def test_paper_rl_recipe_validates_and_traces_abstractly(shared_dir):
     rows, length = t.canvas_rows, t.row_length
     canvas = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32)
               for k in ("tokens", "positions", "stream_ids", "block_ids", "segment_ids")}
-    scored = {k: jax.ShapeDtypeStruct((rows * length,), dtype) for k, dtype in
-              (("score_row", jnp.int32), ("score_slot", jnp.int32), ("score_token", jnp.int32),
+    scored = {k: jax.ShapeDtypeStruct((rows, length), dtype) for k, dtype in
+              (("score_slot", jnp.int32), ("score_token", jnp.int32),
                ("advantage", jnp.float32), ("old_logp", jnp.float32), ("weight", jnp.float32),
                ("loss_mask", jnp.float32))}
     grads, stats = jax.eval_shape(updater._gradients, params, {**canvas, **scored})

@@ -117,8 +117,11 @@ def _per_device(kernel: Any, q: jax.Array, k: jax.Array, v: jax.Array,
     on its rows and heads (sharded as the ``batch`` / ``act_heads`` logical axes say): XLA cannot partition a Pallas kernel,
     and would otherwise gather every operand onto every device."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or set(mesh.axis_names) <= set(mesh.manual_axes):  # inside the caller's shard_map
         return kernel(q, k, v, q_canvas, kv_canvas)
+    if mesh.manual_axes:
+        raise ValueError(f"attention under a partly manual mesh (manual axes {mesh.manual_axes}) "
+                         "is not supported; shard_map over every mesh axis or none")
     P = jax.sharding.PartitionSpec
     rules = dict(rules_for_mesh(mesh))  # the logical-axis table: rows and heads
     rows = rules["batch"]
@@ -159,9 +162,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         if mask is None:
             mask = canvas_lib.dense_mask(q_canvas, kv_canvas)
         return reference_attention(q, k, v, mask, scale=scale)
-    if impl == "tiled":
-        return _block_sparse(tiled_attention, q, k, v, q_canvas, kv_canvas,
-                             tile or DEFAULT_TILES["tiled"], scale=scale)
+    if impl == "tiled":  # per device too: its tile loop indexes rows, which XLA would gather
+        kernel = functools.partial(_block_sparse, tiled_attention,
+                                   tile=tile or DEFAULT_TILES["tiled"], scale=scale)
+        return _per_device(kernel, q, k, v, q_canvas, kv_canvas)
     backend = target_platform()  # kernels interpret only where they do not run natively
     if impl == "pallas_gpu":  # interpreted (slowly) where there is no GPU: tests, CPU debugging
         from dirl_jax.attention.pallas_gpu import pallas_gpu_attention

@@ -319,11 +319,15 @@ def dipo_program_bytes(program: str, c: SDARConfig, config: Any, mesh: MeshShape
     program not planned). Parameters are in ``train.param_dtype`` (fp32: 4 B), sharded over
     ``fsdp x tensor`` in the update, replicated per host in a multi-host rollout.
 
-    * ``dipo_gradients``: parameters + their fp32 gradients (8 B/param), the gathered bf16 layers,
-      the canvas rows' activations (as an SFT row of ``row_length`` tokens) and the scoring chunk
-      (fp32 logits, log-probs and their gradient over the vocabulary);
-    * ``dipo_score``: parameters, the final hidden states of the rows, one layer's activations
-      and the scoring chunk's forward (logits and log-probs);
+    * ``dipo_gradients``: parameters + their gradients (sharded as the parameters), the gathered
+      bf16 layers, the rows' activations — every layer's input (remat) and one layer's saved
+      activations (the compiler holds one such layer for DiPO's backward where the SFT step holds
+      two: 8B on v5p-64, −3 % against the compiler with one) — and the scoring chunk (fp32
+      logits, log-probs and their gradient over the vocabulary);
+    * ``dipo_score``: parameters and the larger of its two phases (their buffers are never live
+      together): a layer (its gathered bf16 weights, double-buffered, and per token the residual
+      in and out and the MLP's gate and up outputs) or the vocabulary head (the gathered output
+      embedding, the rows' final hidden states, one chunk's fp32 and bf16 logits);
     * ``dipo_apply``: parameters, AdamW moments, gradients and the updated parameters (20 B/param:
       the engine keeps the old parameters, so nothing is donated).
     """
@@ -334,13 +338,20 @@ def dipo_program_bytes(program: str, c: SDARConfig, config: Any, mesh: MeshShape
     gathered = (2 * layer_params(c) + c.vocab_size * c.hidden_size) * BF16_BYTES / mesh.tensor
     rows = t.canvas_rows / (mesh.data * mesh.fsdp)
     chunk = t.logprob_chunk * c.vocab_size * 4 / mesh.tensor
+    tokens = rows * t.row_length
     if program == "dipo_gradients":
-        activations = rows * activation_bytes_per_row(c, t.row_length, mesh.tensor, config.model.remat)
+        one_layer = tokens * activation_bytes_per_token_layer(c, mesh.tensor)
+        if config.model.remat:
+            activations = tokens * c.hidden_size * BF16_BYTES * c.num_hidden_layers + one_layer
+        else:
+            activations = (c.num_hidden_layers + 1) * one_layer
         return 2 * param_bytes * params / sharded + gathered + activations + 3 * chunk
     if program == "dipo_score":
-        one_layer = t.row_length * activation_bytes_per_token_layer(c, mesh.tensor)
-        hidden = t.row_length * c.hidden_size * BF16_BYTES
-        return param_bytes * params / sharded + gathered + rows * (hidden + one_layer) + 2 * chunk
+        layer = (2 * layer_params(c) * BF16_BYTES / mesh.tensor
+                 + tokens * BF16_BYTES * (2 * c.hidden_size + 2 * c.intermediate_size / mesh.tensor))
+        head = (c.vocab_size * c.hidden_size * BF16_BYTES / mesh.tensor
+                + tokens * c.hidden_size * BF16_BYTES + chunk * 1.5)
+        return param_bytes * params / sharded + max(layer, head)
     if program == "dipo_apply":
         return (3 * param_bytes + 8) * params / sharded
     return None

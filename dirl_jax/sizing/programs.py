@@ -145,7 +145,7 @@ def dipo_micro_batch(config: ConfigDict, model_config: SDARConfig, mesh: jax.sha
     packed = dipo.pack_rounds([one], block_size=b, mask_token_id=model_config.mask_token_id,
                               row_length=t.row_length)
     host = dipo.micro_batches(packed, [one], np.zeros(b, np.float32), rows=t.canvas_rows,
-                              num_scored=t.canvas_rows * t.row_length,
+                              scored_per_row=t.row_length,
                               aggregation=t.loss_aggregation)[0]
     if t.kl_beta > 0:
         host["ref_logp"] = host["old_logp"]

@@ -136,7 +136,7 @@ def pack_groups(groups: list[dict[str, Any]], model_config, config: ConfigDict
                     if results[i]["logprobs"] is not None else np.nan  # engines without log-probs
                     for i, p in zip(packed.score_trajectory, position)], np.float32)
     batches = dipo.micro_batches(packed, trajectories, old, rows=t.canvas_rows,
-                                 num_scored=t.canvas_rows * t.row_length,
+                                 scored_per_row=t.row_length,
                                  aggregation=t.loss_aggregation)
     stats = {"canvas_rows": packed.canvas.shape[0], "micro_batches": len(batches),
              "canvas_tokens_per_trajectory": float(np.mean(packed.tokens_per_trajectory))}
