@@ -3,6 +3,7 @@
 # python -m dirl_jax.compile_check (in .venv-tpu; bash scripts/setup_tpu_compile.sh first).
 #
 #   bash scripts/compile_results.sh [MODEL:SLICE ...]     (default: the table of docs/SCALING.md)
+#   RECIPES=dipo bash scripts/compile_results.sh ...      (one recipe only: sft or dipo)
 #
 # Each MODEL:SLICE compiles configs/sft_sdar8b.py and configs/dipo_sdar8b.py with --model MODEL
 # on the slice, at the per-chip micro-batch the planner picks (SFT: grad_accum; DiPO: one canvas
@@ -33,11 +34,14 @@ print(p.mesh.data, p.mesh.fsdp, p.mesh.tensor, p.grad_accum, s.chips)
 PY
 )
   tag=$(echo "${model}_${slice}" | tr 'A-Z.' 'a-z_' | tr -d '-')
+  if [[ " ${RECIPES:-sft dipo} " == *" sft "* ]]; then
   echo "== $model on $slice: SFT mesh ${data}x${fsdp}x${tensor}, grad_accum $accum" >&2
   "$PY" -m dirl_jax.compile_check --config configs/sft_sdar8b.py --model "$model" --topology "$slice" \
       --config.mesh.data=0 --config.mesh.fsdp="$fsdp" --config.mesh.tensor="$tensor" \
       --config.train.grad_accum="$accum" --compare-plan --out "runs/compile/sft_$tag" || status=1
   cp "runs/compile/sft_$tag/compile_report.json" "docs/results/compile_sft_$tag.json" 2>/dev/null
+  fi
+  [[ " ${RECIPES:-sft dipo} " == *" dipo "* ]] || continue
   rows=$((chips / tensor))
   slots=64  # per host (4 chips in every topology here): 16 rows of the 8k-token cache per chip
   echo "== $model on $slice: DiPO mesh 0x${fsdp}x${tensor}, canvas_rows $rows, slots $slots" >&2

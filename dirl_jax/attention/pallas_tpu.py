@@ -10,8 +10,10 @@ rollout's step map, so it is data. These kernels take the exact tile schedule of
   and, for each, the ``n``-th q-tile that sees the kv-tile (``q_of_kv``); dk and dv accumulate over
   both, so grouped-query attention never repeats K/V or writes per-query-head gradients.
 
-Steps past a tile's count repeat the last listed id, so the pipeline issues no new copy, and skip
-the compute. Each computed step evaluates :func:`dirl_jax.canvas.visible` on the two tiles' tags
+The innermost grid extent is the longest list of the call (a dynamic grid dimension: a DiPO row
+of 43,008 slots in 512-tiles has 84 kv-tiles but no q-tile sees more than ~15, and a TPU grid
+step costs ~0.35 us whether it computes or not). Steps past a tile's count repeat the last
+listed id, so the pipeline issues no new copy, and skip the compute. Each computed step evaluates :func:`dirl_jax.canvas.visible` on the two tiles' tags
 unless the tile is ``TILE_FULL``. Tags travel lane-broadcast ``[len, 128]`` for the query side
 and sublane-broadcast ``[8, len]`` for the key side (the layout Mosaic compares without
 relayouts, as jax's Splash kernel does for segment ids). fp32 softmax and accumulation.
@@ -55,13 +57,19 @@ def _visible(kind: jax.Array, q_tag_refs: Sequence, kv_tag_refs: Sequence, kv_ti
     return canvas_lib.visible(*q_tags, *kv_tags) | (kind == canvas_lib.TILE_FULL)
 
 
+def _steps(lists: TileLists) -> jax.Array:
+    """The grid's innermost extent: the longest tile list (a dynamic grid dimension, so the kernels
+    step over no more empty tiles than the fullest row needs; at least one step)."""
+    return jnp.maximum(jnp.max(lists.counts), 1)
+
+
 def _flat(lists: TileLists) -> tuple[jax.Array, jax.Array, jax.Array]:
     """1-D ``(ids, kinds, counts)`` for SMEM (2-D SMEM arrays pad their rows)."""
     return lists.ids.reshape(-1), lists.kinds.reshape(-1), lists.counts.reshape(-1)
 
 
 # --------------------------------------------------------------------------- kernels
-def _forward_kernel(ids, kinds, counts, q_ref, k_ref, v_ref, *refs, scale: float, width: int,
+def _forward_kernel(ids, kinds, counts, q_ref, k_ref, v_ref, *refs, scale: float, stride: int,
                     num_tiles: int, kv_tile: int):
     q_tags, kv_tags = refs[0:3], refs[3:6]
     o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[6:]
@@ -76,7 +84,7 @@ def _forward_kernel(ids, kinds, counts, q_ref, k_ref, v_ref, *refs, scale: float
 
     @pl.when(n < counts[row])
     def _step():
-        mask = _visible(kinds[row * width + n], q_tags, kv_tags, kv_tile)
+        mask = _visible(kinds[row * stride + n], q_tags, kv_tags, kv_tile)
         s = jnp.where(mask, _dot(q_ref[...], k_ref[...], _NT) * scale, _NEG)
         m_prev = m_ref[...][:, :1]
         m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
@@ -88,7 +96,7 @@ def _forward_kernel(ids, kinds, counts, q_ref, k_ref, v_ref, *refs, scale: float
         v = v_ref[...]
         acc_ref[...] = alpha * acc_ref[...] + _dot(p.astype(v.dtype), v, _NN)
 
-    @pl.when(n == width - 1)
+    @pl.when(n == pl.num_programs(3) - 1)
     def _finish():
         l = l_ref[...][:, :1]
         seen = l > 0
@@ -104,7 +112,7 @@ def _probabilities(q, k, mask, lse, scale: float) -> jax.Array:
 
 
 def _dq_kernel(ids, kinds, counts, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-               scale: float, width: int, num_tiles: int, kv_tile: int):
+               scale: float, stride: int, num_tiles: int, kv_tile: int):
     q_tags, kv_tags = refs[0:3], refs[3:6]
     dq_ref, acc_ref = refs[6:]
     b, i, n = pl.program_id(0), pl.program_id(2), pl.program_id(3)
@@ -116,20 +124,20 @@ def _dq_kernel(ids, kinds, counts, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_r
 
     @pl.when(n < counts[row])
     def _step():
-        mask = _visible(kinds[row * width + n], q_tags, kv_tags, kv_tile)
+        mask = _visible(kinds[row * stride + n], q_tags, kv_tags, kv_tile)
         k, do = k_ref[...], do_ref[...]
         lse, delta = lse_ref[0][:, None], delta_ref[0][:, None]
         p = _probabilities(q_ref[...], k, mask, lse, scale)
         ds = p * (_dot(do, v_ref[...], _NT) - delta)
         acc_ref[...] += _dot(ds.astype(k.dtype), k, _NN)
 
-    @pl.when(n == width - 1)
+    @pl.when(n == pl.num_programs(3) - 1)
     def _finish():
         dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(ids, kinds, counts, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                scale: float, width: int, num_tiles: int, groups: int, kv_tile: int):
+                scale: float, stride: int, num_tiles: int, groups: int, kv_tile: int):
     q_tags, kv_tags = refs[0:3], refs[3:6]
     dk_ref, dv_ref, dk_acc, dv_acc = refs[6:]
     b, j, g, n = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
@@ -142,7 +150,7 @@ def _dkv_kernel(ids, kinds, counts, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
 
     @pl.when(n < counts[col])
     def _step():
-        mask = _visible(kinds[col * width + n], q_tags, kv_tags, kv_tile)
+        mask = _visible(kinds[col * stride + n], q_tags, kv_tags, kv_tile)
         q, do = q_ref[...], do_ref[...]
         lse, delta = lse_ref[0][:, None], delta_ref[0][:, None]
         p = _probabilities(q, k_ref[...], mask, lse, scale)
@@ -150,7 +158,7 @@ def _dkv_kernel(ids, kinds, counts, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
         ds = p * (_dot(do, v_ref[...], _NT) - delta)
         dk_acc[...] += _dot(ds.astype(q.dtype), q, _TN)
 
-    @pl.when((g == groups - 1) & (n == width - 1))
+    @pl.when((g == groups - 1) & (n == pl.num_programs(4) - 1))
     def _finish():
         dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
@@ -244,28 +252,28 @@ _ROW_PARALLEL = ("parallel", "parallel", "parallel", "arbitrary")
 
 def _q_major_specs(schedule: TileSchedule, heads: _Heads):
     """Specs for a ``(batch, head, q_tile, n)`` grid whose kv-tile is the ``n``-th of the q-tile."""
-    nq, width = schedule.kv_of_q.ids.shape[1:]
+    nq, stride = schedule.kv_of_q.ids.shape[1:]
     tq, tk = schedule.q_tile, schedule.kv_tile
 
     def kv_of(b, h, i, n, ids, kinds, counts):
-        return ids[(b * nq + i) * width + n]
+        return ids[(b * nq + i) * stride + n]
 
     q_block = heads.spec(tq, lambda b, h, i, n, *_: (b, h, i))
     kv_block = heads.spec(tk, lambda b, h, i, n, *s: (b, lax.div(h, heads.groups), kv_of(b, h, i, n, *s)))
     row_block = _row_spec(tq, lambda b, h, i, n, *_: (b, h, i))
     tags = _tag_specs(tq, tk, lambda b, h, i, n, *_: i, kv_of)
-    return q_block, kv_block, row_block, tags, nq, width
+    return q_block, kv_block, row_block, tags, nq, stride
 
 
 def _forward(q, k, v, schedule: TileSchedule, tags, heads: _Heads, scale: float, interpret: bool):
     """Output (the kernels' layout) and log-sum-exp ``f32[B, H, 1, T]``."""
     q_len, tq = tags[0].shape[1], schedule.q_tile
-    q_block, kv_block, _, tag_specs, nq, width = _q_major_specs(schedule, heads)
+    q_block, kv_block, _, tag_specs, nq, stride = _q_major_specs(schedule, heads)
     lse_block = pl.BlockSpec((None, None, tq, LANES), lambda b, h, i, n, *_: (b, h, i, 0))
     out, lse = _call(
-        functools.partial(_forward_kernel, scale=scale, width=width, num_tiles=nq,
+        functools.partial(_forward_kernel, scale=scale, stride=stride, num_tiles=nq,
                           kv_tile=schedule.kv_tile),
-        (heads.batch, heads.heads, nq, width), [q_block, kv_block, kv_block, *tag_specs],
+        (heads.batch, heads.heads, nq, _steps(schedule.kv_of_q)), [q_block, kv_block, kv_block, *tag_specs],
         [q_block, lse_block],
         [jax.ShapeDtypeStruct(q.shape, v.dtype),
          jax.ShapeDtypeStruct((heads.batch, heads.heads, q_len, LANES), jnp.float32)],
@@ -278,11 +286,11 @@ def _forward(q, k, v, schedule: TileSchedule, tags, heads: _Heads, scale: float,
 
 def _dq(q, k, v, do, lse, delta, schedule: TileSchedule, tags, heads: _Heads, scale: float,
         interpret: bool):
-    q_block, kv_block, row_block, tag_specs, nq, width = _q_major_specs(schedule, heads)
+    q_block, kv_block, row_block, tag_specs, nq, stride = _q_major_specs(schedule, heads)
     return _call(
-        functools.partial(_dq_kernel, scale=scale, width=width, num_tiles=nq,
+        functools.partial(_dq_kernel, scale=scale, stride=stride, num_tiles=nq,
                           kv_tile=schedule.kv_tile),
-        (heads.batch, heads.heads, nq, width),
+        (heads.batch, heads.heads, nq, _steps(schedule.kv_of_q)),
         [q_block, kv_block, kv_block, q_block, row_block, row_block, *tag_specs], q_block,
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         [pltpu.VMEM((schedule.q_tile, heads.head_dim), jnp.float32)],
@@ -294,10 +302,10 @@ def _dkv(q, k, v, do, lse, delta, schedule: TileSchedule, tags, heads: _Heads, s
          interpret: bool):
     """dk, dv over grid ``(batch, kv_head, kv_tile, group, n)``."""
     groups, tq, tk = heads.groups, schedule.q_tile, schedule.kv_tile
-    nk, width = schedule.q_of_kv.ids.shape[1:]
+    nk, stride = schedule.q_of_kv.ids.shape[1:]
 
     def q_of(b, h, j, g, n, ids, kinds, counts):
-        return ids[(b * nk + j) * width + n]
+        return ids[(b * nk + j) * stride + n]
 
     def q_index(b, h, j, g, n, *s):
         return b, h * groups + g, q_of(b, h, j, g, n, *s)
@@ -306,9 +314,9 @@ def _dkv(q, k, v, do, lse, delta, schedule: TileSchedule, tags, heads: _Heads, s
     kv_block = heads.spec(tk, lambda b, h, j, g, n, *_: (b, h, j))
     tag_specs = _tag_specs(tq, tk, q_of, lambda b, h, j, g, n, *_: j)
     return _call(
-        functools.partial(_dkv_kernel, scale=scale, width=width, num_tiles=nk, groups=groups,
+        functools.partial(_dkv_kernel, scale=scale, stride=stride, num_tiles=nk, groups=groups,
                           kv_tile=tk),
-        (heads.batch, heads.kv_heads, nk, groups, width),
+        (heads.batch, heads.kv_heads, nk, groups, _steps(schedule.q_of_kv)),
         [q_block, kv_block, kv_block, q_block, row_block, row_block, *tag_specs],
         [kv_block, kv_block],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
