@@ -51,9 +51,10 @@ def check_mesh_fits(shape: tuple[int, int, int], model_config: SDARConfig, rows_
         check(size % tensor == 0, "mesh.tensor", f"({tensor}) must divide the model's {field} ({size})")
     check(c.hidden_size % fsdp == 0, "mesh.fsdp",
           f"({fsdp}) must divide the model's hidden_size ({c.hidden_size})")
-    check(rows_per_micro_batch % (data * fsdp) == 0, rows_field,
+    shards = data * fsdp
+    check(rows_per_micro_batch % shards == 0, rows_field,
           f"a micro-batch of {rows_per_micro_batch} rows must be divisible by "
-          f"mesh.data x mesh.fsdp = {data * fsdp}")
+          f"mesh.data x mesh.fsdp = {shards} (the next multiple: {-(-rows_per_micro_batch // shards) * shards})")
 
 
 def make_mesh(shape: tuple[int, int, int], devices: Any = None) -> jax.sharding.Mesh:

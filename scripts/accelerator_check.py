@@ -222,7 +222,10 @@ def with_gradients(fn: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Arra
 
 
 def equality_kernels(ctx: Context) -> list[str]:
-    return [k for k in (ctx.kernel, "tiled") if k] if ctx.kernel != "tiled" else ["tiled"]
+    """The platform kernel, TPU's schedule-driven kernel beside Splash (it runs the canvases
+    Splash cannot), and ``tiled``."""
+    companion = ("pallas_tpu",) if ctx.kernel == "splash" else ()
+    return list(dict.fromkeys(k for k in (ctx.kernel, *companion, "tiled") if k))
 
 
 def check_kernel_equality(ctx: Context, box: TimeBox) -> dict[str, Any]:
@@ -257,7 +260,7 @@ def check_kernel_equality(ctx: Context, box: TimeBox) -> dict[str, Any]:
                 row = {"canvas": name, "dtype": dtype, "kernel": kernel, "q_len": q_len, "kv_len": kv_len,
                        "tolerance": TOLERANCE[dtype]}
                 if kernel == "splash" and layout is None:
-                    rows.append({**row, "result": "n/a (Splash needs a stream-major layout; auto runs tiled)"})
+                    rows.append({**row, "result": "n/a (Splash needs a stream-major layout; auto runs pallas_tpu)"})
                     continue
                 if box.left() <= 0:
                     rows.append({**row, "result": "skipped (time box)"})

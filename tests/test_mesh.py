@@ -73,7 +73,8 @@ def test_data_fsdp_and_tensor_meshes_give_the_single_device_update(seed):
     (dict(data=0, fsdp=3, tensor=1), r"config.mesh: fsdp x tensor = 3 does not divide the 8 devices"),
     (dict(data=0, fsdp=1, tensor=4), r"config.mesh.tensor: \(4\) must divide the model's num_key_value_heads \(2\)"),
     (dict(data=1, fsdp=8, tensor=1), r"config.mesh.fsdp: \(8\) must divide the model's hidden_size \(36\)"),
-    (dict(data=0, fsdp=1, tensor=1), r"config.train.global_batch: a micro-batch of 4 rows"),
+    (dict(data=0, fsdp=1, tensor=1), r"config.train.global_batch: a micro-batch of 4 rows must be "
+                                     r"divisible by mesh.data x mesh.fsdp = 8 \(the next multiple: 8\)"),
 ])
 def test_invalid_meshes_are_refused_before_compiling(tmp_path, mesh, match):
     config = small_config()
