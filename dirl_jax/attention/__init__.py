@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Any, Iterator
 
 import jax
@@ -124,8 +125,14 @@ def _per_device(kernel: Any, q: jax.Array, k: jax.Array, v: jax.Array,
                          "is not supported; shard_map over every mesh axis or none")
     P = jax.sharding.PartitionSpec
     rules = dict(rules_for_mesh(mesh))  # the logical-axis table: rows and heads
-    rows = rules["batch"]
-    heads = P(rows, None, rules["act_heads"], None)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+    def dividing(axis: Any, *dims: int) -> Any:  # the axis when it divides every dim, else whole
+        parts = (axis,) if isinstance(axis, str) else axis or ()
+        shards = math.prod(sizes[a] for a in parts)
+        return axis if all(d % shards == 0 for d in dims) else None
+    rows = dividing(rules["batch"], q.shape[0])
+    heads = P(rows, None, dividing(rules["act_heads"], q.shape[2], k.shape[2]), None)
     tags = jax.tree.map(lambda _: P(rows, None), q_canvas)
     return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, tags, tags),
                          out_specs=heads, check_vma=False)(q, k, v, q_canvas, kv_canvas)
