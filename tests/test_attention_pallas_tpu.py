@@ -15,55 +15,21 @@ import numpy as np
 import pytest
 
 from canvases import multi_stream, random_qkv
+import kernel_checks
+from kernel_checks import F32_TOL, assert_matches, random_inputs
 from dirl_jax import canvas as canvas_lib
 from dirl_jax import dipo
 from dirl_jax.attention import schedule as schedule_lib
 from dirl_jax.attention.pallas_tpu import pallas_tpu_attention
-from dirl_jax.attention.reference import reference_attention
 from dirl_jax.canvas import Canvas
 
 INTERPRET = jax.default_backend() != "tpu"
-F32_TOL = dict(atol=2e-5, rtol=2e-5)
-FAST_COMPILE = {"xla_backend_optimization_level": 0}  # each interpreted program runs once
 
 
 def kernel_and_reference(q_canvas: Canvas, kv_canvas: Canvas, q_tile: int, kv_tile: int,
                          scale: float | None = None):
-    """Jitted ``(q, k, v, d_out) -> (out, (dq, dk, dv))`` for the kernel and the reference."""
-
-    def kernel(q, k, v):
-        schedule = schedule_lib.tile_schedule(q_canvas, kv_canvas, q_tile=q_tile, kv_tile=kv_tile)
-        return pallas_tpu_attention(q, k, v, schedule, schedule_lib.canvas_tags(q_canvas),
-                                    schedule_lib.canvas_tags(kv_canvas), scale=scale,
-                                    interpret=INTERPRET)
-
-    def reference(q, k, v):
-        return reference_attention(q, k, v, canvas_lib.dense_mask(q_canvas, kv_canvas), scale=scale)
-
-    def with_vjp(fn):
-        def run(q, k, v, d_out):
-            out, vjp = jax.vjp(fn, q, k, v)
-            return out, vjp(d_out)
-        return jax.jit(run, compiler_options=FAST_COMPILE)
-
-    return with_vjp(kernel), with_vjp(reference)
-
-
-def assert_matches(got, expected, **tol):
-    (out, grads), (ref_out, ref_grads) = got, expected
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
-                               err_msg="out", **tol)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
-                                   err_msg=name, **tol)
-
-
-def random_inputs(rng, q_canvas: Canvas, kv_canvas: Canvas, heads: int, kv_heads: int,
-                  head_dim: int, dtype=jnp.float32):
-    batch, q_len = q_canvas.shape
-    q, k, v = random_qkv(rng, batch, q_len, kv_canvas.shape[1], heads, kv_heads, head_dim)
-    d_out = rng.standard_normal(q.shape).astype(np.float32)
-    return tuple(jnp.asarray(x, dtype) for x in (q, k, v, d_out))
+    return kernel_checks.kernel_and_reference(pallas_tpu_attention, q_canvas, kv_canvas, q_tile, kv_tile,
+                                              scale, interpret=INTERPRET)
 
 
 @pytest.mark.parametrize(
@@ -160,7 +126,7 @@ def test_rejects_bad_inputs(problem):
         q = q[:, :200]
     if problem == "dtype":
         v = v.astype(jnp.bfloat16)
-    match = {"tile": r"q_tile \(64\) must be a multiple of 128", "length": "q_tile",
+    match = {"tile": r"q_tile \(64\) must be a multiple of 128", "length": "multiples of the tiles",
              "dtype": "share a dtype"}
     with pytest.raises(ValueError, match=match[problem]):
         pallas_tpu_attention(q, k, v, schedule, tags, tags, interpret=INTERPRET)

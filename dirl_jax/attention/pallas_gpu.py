@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dirl_jax import canvas as canvas_lib
-from dirl_jax.attention.schedule import TileLists, TileSchedule
+from dirl_jax.attention.schedule import TileLists, TileSchedule, check_kernel_inputs
 
 _NUM_TAGS = 3  # (segment, stream, block), stacked along axis 1 of the tag inputs
 
@@ -270,19 +270,10 @@ def pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, schedule: Til
 
     Returns ``[batch, q_len, heads, head_dim]`` in ``v.dtype``; a row with no visible key is zero.
     """
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape or (k.shape[0], k.shape[3]) != (batch, head_dim) or heads % kv_heads:
-        raise ValueError(f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}")
     if not (_is_tile(schedule.q_tile) and _is_tile(schedule.kv_tile)):
         raise ValueError(f"tiles ({schedule.q_tile}, {schedule.kv_tile}) must be powers of two >= 16")
-    if q_len % schedule.q_tile or kv_len % schedule.kv_tile:
-        raise ValueError(f"lengths ({q_len}, {kv_len}) must be multiples of the tiles "
-                         f"({schedule.q_tile}, {schedule.kv_tile}); pad the canvases")
-    if schedule.table.shape != (batch, q_len // schedule.q_tile, kv_len // schedule.kv_tile):
-        raise ValueError(f"schedule table {schedule.table.shape} does not match q {q.shape}, k {k.shape}")
+    check_kernel_inputs(q, k, v, schedule)
+    head_dim = q.shape[-1]
     scale = head_dim ** -0.5 if scale is None else float(scale)
     width = max(16, pl.next_power_of_2(head_dim))
     if width != head_dim:

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from dirl_jax import canvas as canvas_lib
-from dirl_jax.attention.schedule import TileLists, TileSchedule
+from dirl_jax.attention.schedule import TileLists, TileSchedule, check_kernel_inputs
 
 LANES, SUBLANES = 128, 8
 _NEG = -1e30  # finite "minus infinity" for running maxima: exp(_NEG - _NEG) stays finite
@@ -351,9 +351,9 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _check_tile(name: str, tile: int, length: int) -> None:
-    if length % tile or (tile % LANES and tile != length):
-        raise ValueError(f"{name} ({tile}) must be a multiple of {LANES} dividing the padded "
-                         f"length {length}, or the whole length")
+    if tile % LANES and tile != length:
+        raise ValueError(f"{name} ({tile}) must be a multiple of {LANES}, or the whole length "
+                         f"({length})")
 
 
 def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, schedule: TileSchedule,
@@ -371,16 +371,11 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, schedule: Til
 
     Returns ``[batch, q_len, heads, head_dim]`` in ``v.dtype``; a row with no visible key is zero.
     """
+    check_kernel_inputs(q, k, v, schedule)
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape or (k.shape[0], k.shape[3]) != (batch, head_dim) or heads % kv_heads:
-        raise ValueError(f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}")
     _check_tile("q_tile", schedule.q_tile, q_len)
     _check_tile("kv_tile", schedule.kv_tile, kv_len)
-    if schedule.table.shape != (batch, q_len // schedule.q_tile, kv_len // schedule.kv_tile):
-        raise ValueError(f"schedule table {schedule.table.shape} does not match q {q.shape}, k {k.shape}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
     layout = _Heads(batch, heads, kv_heads, head_dim, flat=head_dim % LANES == 0)
     out = _attention(*(layout.to_kernel(x) for x in (q, k, v)), schedule,

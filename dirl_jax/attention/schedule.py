@@ -104,3 +104,19 @@ def canvas_tags(canvas: Canvas) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(segment_ids, stream_ids, block_ids)`` as int32 ``[batch, length]`` arrays (kernel inputs)."""
     return tuple(jnp.asarray(x, jnp.int32)  # type: ignore[return-value]
                  for x in (canvas.segment_ids, canvas.stream_ids, canvas.block_ids))
+
+
+def check_kernel_inputs(q: jax.Array, k: jax.Array, v: jax.Array, schedule: TileSchedule) -> None:
+    """ValueError unless ``q [B, T, H, D]``, ``k, v [B, S, KV, D]`` (one dtype, ``H`` a multiple of
+    ``KV``) fit ``schedule``: lengths multiples of its tiles, its table shaped for them."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape or (k.shape[0], k.shape[3]) != (batch, head_dim) or heads % kv_heads:
+        raise ValueError(f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}")
+    if q_len % schedule.q_tile or kv_len % schedule.kv_tile:
+        raise ValueError(f"lengths ({q_len}, {kv_len}) must be multiples of the tiles "
+                         f"({schedule.q_tile}, {schedule.kv_tile}); pad the canvases")
+    if schedule.table.shape != (batch, q_len // schedule.q_tile, kv_len // schedule.kv_tile):
+        raise ValueError(f"schedule table {schedule.table.shape} does not match q {q.shape}, k {k.shape}")
