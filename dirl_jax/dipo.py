@@ -359,12 +359,12 @@ def score_tokens(model, batch: dict[str, jax.Array], *, temperature: float, attn
     hidden = model.hidden_states(canvas=canvas, attn_impl=attn_impl)
     picked = jnp.take_along_axis(hidden, batch["score_slot"][..., None], axis=1).astype(model.dtype)
     embedding = model.output_embedding().astype(model.dtype)
+    # rows stay where they are sharded: each device scores its own rows' tokens, ``chunk`` at once
+    row_chunk = max(1, chunk // local_rows(hidden.shape[0]))
 
     def one_row(h: jax.Array, targets: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
         return chunked_token_scores(h, embedding, targets, active, chunk=row_chunk,
                                     temperature=temperature, logits_dtype=model.dtype)
-    # rows stay where they are sharded: each device scores its own rows' tokens, ``chunk`` at once
-    row_chunk = max(1, chunk // local_rows(hidden.shape[0]))
     return jax.vmap(one_row)(picked, batch["score_token"], batch["loss_mask"] > 0)
 
 
