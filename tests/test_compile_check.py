@@ -263,7 +263,7 @@ def test_dipo_gradients_come_back_sharded_as_the_parameters():
         assert got.is_equivalent_to(want, 2), (got, want)
 
 
-@pytest.mark.parametrize("program", ["dipo_gradients", "dipo_score"])
+@pytest.mark.parametrize("program", ["dipo_gradients"])  # (dipo_score's CPU compile hid the gather)
 def test_dipo_memory_per_device_does_not_grow_with_the_devices(program):
     """One canvas row per device on 2 and on 8 devices (data parallel): each device holds the same
     bytes. Scoring a flat list of every row's tokens instead gathers all rows' hidden states onto
