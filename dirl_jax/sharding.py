@@ -4,7 +4,7 @@ mesh axes (``data``, ``fsdp``, ``tensor``; see :mod:`dirl_jax.mesh`): one table 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 from flax import nnx
@@ -61,6 +61,15 @@ def named_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh,
         return nnx.get_named_sharding(abstract_state, mesh)
 
 
+def dividing_axis(mesh: Any, axis: str | tuple[str, ...] | None, *dims: int
+                  ) -> str | tuple[str, ...] | None:
+    """``axis`` (mesh axes, as a partition spec names them) when its shards divide every one of
+    ``dims``, else ``None`` (the dimension stays whole)."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    shards = math.prod(sizes[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))
+    return axis if all(d % shards == 0 for d in dims) else None
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> jax.Array:
     """``x`` constrained to the sharding its logical ``axes`` map to under the current mesh
     (``jax.set_mesh``); ``None`` leaves a dimension to XLA. A no-op without a mesh; mesh axes that
@@ -71,15 +80,13 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = DEFAULT_R
     usable = set(mesh.axis_names) - set(mesh.manual_axes)
     if not usable:
         return x
-    table, sizes = dict(rules), dict(zip(mesh.axis_names, mesh.axis_sizes))
+    table = dict(rules)
     spec = []
     for size, name in zip(x.shape, axes):
         if name is None:
             spec.append(jax.sharding.PartitionSpec.UNCONSTRAINED)
             continue
-        axis = _present(table[name], usable)
-        parts = (axis,) if isinstance(axis, str) else axis or ()
-        spec.append(axis if size % math.prod(sizes[a] for a in parts) == 0 else None)
+        spec.append(dividing_axis(mesh, _present(table[name], usable), size))
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
@@ -89,7 +96,6 @@ def local_rows(rows: int, rules: Rules = DEFAULT_RULES) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return rows
-    axis = dict(rules_for_mesh(mesh, rules))["batch"]
+    axis = dividing_axis(mesh, dict(rules_for_mesh(mesh, rules))["batch"], rows)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    shards = math.prod(sizes[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))
-    return rows // shards if rows % shards == 0 else rows
+    return rows // math.prod(sizes[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import Any, Iterator
 
 import jax
@@ -29,7 +28,7 @@ from dirl_jax import canvas as canvas_lib
 from dirl_jax.attention import schedule as schedule_lib
 from dirl_jax.attention.reference import reference_attention
 from dirl_jax.attention.tiled import tiled_attention
-from dirl_jax.sharding import rules_for_mesh
+from dirl_jax.sharding import dividing_axis, rules_for_mesh
 
 IMPLEMENTATIONS = ("auto", "reference", "tiled", "splash", "pallas_gpu", "pallas_tpu")
 # (q_tile, kv_tile) per block-sparse impl; tiled's is the fastest measured on CPU (docs/PERFORMANCE.md);
@@ -37,7 +36,7 @@ IMPLEMENTATIONS = ("auto", "reference", "tiled", "splash", "pallas_gpu", "pallas
 # more time stepping than multiplying).
 DEFAULT_TILES = {"tiled": (128, 256), "pallas_gpu": (64, 64), "pallas_tpu": (512, 512)}
 DECODE_QUERY_LEN = 64
-SPLASH_BLOCK = 128  # Splash tiles; canvases of other lengths run ``tiled`` under ``auto``
+SPLASH_BLOCK = 128  # Splash tiles; canvases of other lengths run ``pallas_tpu`` under ``auto``
 
 
 _RECORDERS: list[list[str]] = []
@@ -125,14 +124,8 @@ def _per_device(kernel: Any, q: jax.Array, k: jax.Array, v: jax.Array,
                          "is not supported; shard_map over every mesh axis or none")
     P = jax.sharding.PartitionSpec
     rules = dict(rules_for_mesh(mesh))  # the logical-axis table: rows and heads
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-
-    def dividing(axis: Any, *dims: int) -> Any:  # the axis when it divides every dim, else whole
-        parts = (axis,) if isinstance(axis, str) else axis or ()
-        shards = math.prod(sizes[a] for a in parts)
-        return axis if all(d % shards == 0 for d in dims) else None
-    rows = dividing(rules["batch"], q.shape[0])
-    heads = P(rows, None, dividing(rules["act_heads"], q.shape[2], k.shape[2]), None)
+    rows = dividing_axis(mesh, rules["batch"], q.shape[0])  # a dimension they do not divide stays whole
+    heads = P(rows, None, dividing_axis(mesh, rules["act_heads"], q.shape[2], k.shape[2]), None)
     tags = jax.tree.map(lambda _: P(rows, None), q_canvas)
     return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, tags, tags),
                          out_specs=heads, check_vma=False)(q, k, v, q_canvas, kv_canvas)
