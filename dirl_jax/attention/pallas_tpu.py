@@ -220,11 +220,6 @@ class _Heads:
             return x.reshape(*x.shape[:2], heads, self.head_dim)
         return jnp.swapaxes(x, 1, 2)
 
-    def shape(self, length: int, heads: int) -> tuple[int, ...]:
-        if self.flat:
-            return (self.batch, length, heads * self.head_dim)
-        return (self.batch, heads, length, self.head_dim)
-
     def spec(self, tile: int, index) -> pl.BlockSpec:
         """The ``[tile, head_dim]`` block of one head at ``index(*grid, *refs) = (b, head, tile)``."""
         if self.flat:
