@@ -27,7 +27,9 @@ def get_config() -> ConfigDict:
     config.data.source = "data/bigmath_train.jsonl"
     config.rollout.update(prompts_per_step=128, group_size=32, strategy="low_confidence_dynamic",
                           steps=0, threshold=0.9, max_new_tokens=8192, temperature=1.0, top_k=50,
-                          top_p=1.0, oversample=0, max_prompt_tokens=1024)
+                          top_p=1.0, oversample=0, max_prompt_tokens=1024,
+                          slots=64)  # in-process engine: 64 rows (9k-token caches) per host at
+                                     # once; 0 would open a whole sampling round (8,192 rows)
     config.rewards.names = ("accuracy",)
     config.train.update(num_steps=40, learning_rate=1e-6, warmup_steps=10, schedule="constant",
                         weight_decay=0.0, b1=0.9, b2=0.999, adam_eps=1e-8, max_grad_norm=1.0,

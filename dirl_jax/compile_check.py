@@ -67,6 +67,12 @@ def child_command_line(argv: list[str]) -> list[str]:
     return keep
 
 
+def config_fields(argv: list[str]) -> list[str]:
+    """The config fields ``argv`` overrides (``--config.train.grad_accum=4`` -> ``train.grad_accum``)."""
+    return [arg.split("=", 1)[0].removeprefix("--config.") for arg in argv
+            if arg.startswith("--config.")]
+
+
 def main(config: ConfigDict, argv: list[str]) -> None:
     from absl import flags
 
@@ -78,7 +84,7 @@ def main(config: ConfigDict, argv: list[str]) -> None:
                              model_config_path=f.model_config, out=f.out, programs=f.programs,
                              find_micro_batch=f.find_micro_batch, compare_plan=f.compare_plan,
                              isolate=None if f.record_to else child_command_line(argv),
-                             record_to=f.record_to)
+                             record_to=f.record_to, explicit=config_fields(argv))
     if result:
         fail(result)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dirl_jax.compile_check import child_command_line, dashed_flags
+from dirl_jax.compile_check import child_command_line, config_fields, dashed_flags
 from dirl_jax.model import SDARConfig
 from dirl_jax.sizing import check as check_lib
 from dirl_jax.sizing.chips import CHIPS, GIB, Chip, parse_slice
@@ -107,6 +107,39 @@ def test_dipo_lists_every_program_of_the_run(tiny_model_config, tmp_path):
 
 
 @needs_tpu_compiler
+def test_a_one_node_recipe_is_fitted_to_a_pod_slice(tiny_model_config, tmp_path):
+    """The 8-GPU recipe's 8 canvas rows on v5p-64 (data x fsdp = 4 x 8): compiled at 32 rows, as
+    it would run there, in the child that compiles the program too."""
+    result, report = compile_check(["--config", "configs/dipo_sdar8b.py", "--model-config",
+                                    tiny_model_config, "--topology", "v5p-64", "--programs",
+                                    "dipo_apply"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("fitted to v5p-64 (data x fsdp = 32 does not divide the config's micro-batch): "
+            "--config.train.canvas_rows=32") in result.stdout
+    assert report["fitted_overrides"] == ["--config.train.canvas_rows=32"]
+    assert report["config"]["train"]["canvas_rows"] == 32
+    assert by_program(report)["dipo_apply"]["mesh"] == {"data": 4, "fsdp": 8, "tensor": 1}
+
+
+def test_fitting_keeps_the_global_batch_and_the_users_own_fields():
+    from dirl_jax.config import dipo_defaults, sft_defaults
+    dipo = dipo_defaults()
+    dipo.train.canvas_rows = 40
+    assert check_lib.fitted_to_slice(dipo, (4, 8, 1)) == ["--config.train.canvas_rows=64"]
+    assert check_lib.fitted_to_slice(dipo, (5, 8, 2)) == []
+    assert check_lib.fitted_to_slice(dipo, (4, 8, 1), ["train.canvas_rows"]) == []
+    sft = sft_defaults()
+    sft.train.update(global_batch=512, grad_accum=32)  # 16 rows a micro-batch
+    assert check_lib.fitted_to_slice(sft, (8, 4, 1)) == ["--config.train.grad_accum=16"]
+    assert check_lib.fitted_to_slice(sft, (2, 4, 2)) == []
+    assert check_lib.fitted_to_slice(sft, (8, 4, 1), ["train.grad_accum"]) == []
+    sft.train.update(global_batch=480, grad_accum=30)   # 16 rows; 480 = 15 x 32: micro 32
+    assert check_lib.fitted_to_slice(sft, (8, 4, 1)) == ["--config.train.grad_accum=15"]
+    sft.train.update(global_batch=512, grad_accum=32)
+    assert check_lib.fitted_to_slice(sft, (3, 8, 1)) == []  # no multiple of 24 divides 512
+
+
+@needs_tpu_compiler
 def test_a_program_that_does_not_fit_fails_in_one_line(tmp_path):
     result, report = compile_check(
         ["--config", "configs/sft_tiny.py", "--config.data.max_length=8192",
@@ -172,6 +205,12 @@ def test_dashed_flags_become_absl_names():
                          "--config.train.grad_accum=2", "--no-compare-plan"]) == [
         "x", "--model_config=a", "--find_micro_batch", "--compare_plan",
         "--config.train.grad_accum=2", "--nocompare_plan"]
+
+
+def test_the_fields_a_command_line_sets_are_never_refitted():
+    assert config_fields(["compile_check", "--config", "c.py", "--config.train.grad_accum=2",
+                          "--topology", "v5p-64", "--config.mesh.fsdp=4"]) == [
+        "train.grad_accum", "mesh.fsdp"]
 
 
 def test_a_child_repeats_the_run_but_not_the_outputs_or_searches():

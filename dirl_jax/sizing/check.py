@@ -98,6 +98,28 @@ def with_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
     return config
 
 
+def fitted_to_slice(config: ConfigDict, shape: tuple[int, int, int],
+                    explicit: Sequence[str] = ()) -> list[str]:
+    """The overrides (``--config.a.b=v``) that fit the config's micro-batch to a slice whose
+    ``data x fsdp`` does not divide it: DiPO's ``train.canvas_rows`` and SFT's ``train.grad_accum``
+    to the smallest micro-batch at least the config's that the mesh divides (the global batch
+    kept). A recipe written for one 8-GPU node compiles on a pod as it would be run there; fields
+    in ``explicit`` (given on the command line) are the user's and left to the mesh check."""
+    shards = shape[0] * shape[1]
+    t = config.train
+    if config.task == "dipo":
+        if t.canvas_rows % shards == 0 or "train.canvas_rows" in explicit:
+            return []
+        return [f"--config.train.canvas_rows={-(-t.canvas_rows // shards) * shards}"]
+    micro = t.global_batch // t.grad_accum
+    if micro % shards == 0 or "train.grad_accum" in explicit:
+        return []
+    for rows in range(-(-micro // shards) * shards, t.global_batch + 1, shards):
+        if t.global_batch % rows == 0:
+            return [f"--config.train.grad_accum={t.global_batch // rows}"]
+    return []
+
+
 def compile_in_child(argv: Sequence[str], overrides: Sequence[str], program: Program,
                      slice_: Slice) -> Record:
     """``program`` compiled by a child ``compile_check`` (the same command line, that program
@@ -224,12 +246,13 @@ def run_check(config: ConfigDict, *, topology: str, model: str | None = None,
               model_config_path: str | None = None, out: str | None = None,
               programs: list[str] | None = None, find_micro_batch: bool = False,
               compare_plan: bool = False, isolate: Sequence[str] | None = None,
-              record_to: str | None = None) -> str | None:
+              record_to: str | None = None, explicit: Sequence[str] = ()) -> str | None:
     """Compiles the run's programs for ``topology``, prints the table, writes the report; returns
     the one-line problem when a program does not compile or fit (None when all fit).
 
     ``isolate``: the command line that compiles one program in a child process (see
-    :func:`compile_in_child`); ``record_to``: be that child, writing the records to this file."""
+    :func:`compile_in_child`); ``record_to``: be that child, writing the records to this file;
+    ``explicit``: the config fields the command line set (never refitted, :func:`fitted_to_slice`)."""
     try:
         slice_ = parse_slice(topology)
     except ValueError as e:
@@ -237,18 +260,24 @@ def run_check(config: ConfigDict, *, topology: str, model: str | None = None,
     model_config = architecture(config, model, model_config_path)
     validated(config, model_config)
     devices = topology_devices(slice_)
+    shape = mesh_lib.mesh_shape(config.mesh, len(devices))
+    fitted = fitted_to_slice(config, shape, explicit)  # a child fits its own command line alike
+    config = with_overrides(config, fitted)
     if record_to:
         records = compile_all(config, model_config, slice_, devices, programs)
         write_json_atomic(record_to, [r.to_dict() for r in records])
         return None
+    if fitted:
+        print(f"fitted to {slice_.name} (data x fsdp = {shape[0] * shape[1]} does not divide the "
+              f"config's micro-batch): {' '.join(fitted)}", flush=True)
     print(f"compile check: {config.task} on {slice_.name} ({slice_.topology}, {len(devices)} chips "
           f"of {slice_.chip.hbm_bytes / GIB:.0f} GiB), mesh data x fsdp x tensor = "
-          f"{'x'.join(map(str, mesh_lib.mesh_shape(config.mesh, len(devices))))}", flush=True)
+          f"{'x'.join(map(str, shape))}", flush=True)
     records = compile_all(config, model_config, slice_, devices, programs, isolate=isolate)
     report: dict[str, Any] = {
         "task": config.task, "topology": slice_.topology, "slice": slice_.name,
         "chip": dataclasses.asdict(slice_.chip), "model": dataclasses.asdict(model_config),
-        "config": json.loads(json.dumps(config.to_dict(), default=str)),
+        "config": json.loads(json.dumps(config.to_dict(), default=str)), "fitted_overrides": fitted,
         "records": [r.to_dict() for r in records]}
     print(table(records))
     if compare_plan:
