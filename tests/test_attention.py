@@ -198,6 +198,9 @@ def test_auto_resolves_by_platform():
     assert resolve_impl("auto", platform="tpu") == "pallas_tpu"  # a data-dependent mask (DiPO)
     assert resolve_impl("auto", platform="tpu",
                         layout=canvas_lib.StreamMajorLayout(64, 4, rounds=1)) == "splash"
+    for kind, want in (("TPU v5", "splash"), ("TPU v5 lite", "splash"), ("TPU v6 lite", "pallas_tpu")):
+        assert resolve_impl("auto", platform="tpu", device_kind=kind,  # v6e: XLA:TPU aborts on Splash
+                            layout=canvas_lib.StreamMajorLayout(64, 4, rounds=1)) == want, kind
     # Splash tiles are 128 long: other canvas lengths run the schedule-driven TPU kernel.
     assert resolve_impl("auto", platform="tpu",
                         layout=canvas_lib.StreamMajorLayout(40, 4, rounds=1)) == "pallas_tpu"

@@ -83,6 +83,15 @@ def test_doubling_the_micro_batch_raises_temp_bytes(sft_report, tmp_path):
 
 
 @needs_tpu_compiler
+def test_auto_attention_on_v6e_is_the_schedule_driven_kernel(tmp_path):
+    """Chosen by the slice's device kind (XLA:TPU aborts on Splash's inputs on v6e at 8B)."""
+    result, report = compile_check([*SFT_TINY[:-1], "v6e:2x2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = by_program(report)["sft_train_step"]
+    assert record["attention_impl"] == "pallas_tpu" and record["mosaic_calls"] >= 3
+
+
+@needs_tpu_compiler
 def test_dipo_lists_every_program_of_the_run(tiny_model_config, tmp_path):
     result, report = compile_check(
         ["--config", "configs/dipo_tiny.py", "--model-config", tiny_model_config, "--topology",

@@ -9,7 +9,8 @@ impl           what                                                             
 ``pallas_gpu`` Pallas/Triton block-sparse flash attention over the tile schedule    GPU
 ``pallas_tpu`` Pallas/Mosaic block-sparse flash attention over the tile schedule    TPU
 ``auto``       ``reference`` for a query chunk of <= 64 tokens (decoding one block),
-               ``splash`` on TPU when a layout of a length divisible by 128 is given,
+               ``splash`` on TPU when a layout of a length divisible by 128 is given
+               (not on v6e, where XLA:TPU aborts on its heads-major inputs at 8B shapes),
                ``pallas_tpu`` on TPU otherwise (a data-dependent mask: DiPO canvases,
                KV caches), ``pallas_gpu`` on GPU,
                ``tiled`` elsewhere; ``reference`` for an explicit mask
@@ -37,6 +38,10 @@ IMPLEMENTATIONS = ("auto", "reference", "tiled", "splash", "pallas_gpu", "pallas
 DEFAULT_TILES = {"tiled": (128, 256), "pallas_gpu": (64, 64), "pallas_tpu": (512, 512)}
 DECODE_QUERY_LEN = 64
 SPLASH_BLOCK = 128  # Splash tiles; canvases of other lengths run ``pallas_tpu`` under ``auto``
+# Chips where ``auto`` does not pick Splash: libtpu 0.0.50.1's XLA:TPU aborts compiling the 8B SFT
+# step for v6e ("TransformWindow: split of a padded window dim") on the heads-major transposes
+# Splash's inputs need; ``pallas_tpu`` reads the projections' columns in place (docs/SCALING.md).
+NO_SPLASH_DEVICE_KINDS = ("TPU v6",)
 
 
 _RECORDERS: list[list[str]] = []
@@ -64,10 +69,20 @@ def target_platform() -> str:
     return jax.default_backend()
 
 
+def target_device_kind() -> str:
+    """The device kind (``TPU v5``, ``TPU v6 lite``, ...) of the program being built, found as
+    :func:`target_platform` finds the platform."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh.abstract_device.device_kind
+    return jax.devices()[0].device_kind
+
+
 def resolve_impl(impl: str, *, has_mask: bool = False, layout: Any = None,
-                 platform: str | None = None, q_len: int | None = None) -> str:
-    """The concrete implementation ``impl`` stands for on ``platform`` (default:
-    :func:`target_platform`).
+                 platform: str | None = None, device_kind: str | None = None,
+                 q_len: int | None = None) -> str:
+    """The concrete implementation ``impl`` stands for on ``platform`` and ``device_kind``
+    (defaults: :func:`target_platform`, :func:`target_device_kind`).
 
     A short query chunk (``q_len <= DECODE_QUERY_LEN``: one block being decoded against a KV
     cache) runs ``reference``: its scores are ``q_len x S`` per head, cheap and batched, where a
@@ -81,7 +96,9 @@ def resolve_impl(impl: str, *, has_mask: bool = False, layout: Any = None,
         return "reference"
     platform = platform or target_platform()
     if platform == "tpu":
-        splash_fits = layout is not None and layout.length % SPLASH_BLOCK == 0
+        kind = device_kind if device_kind is not None else target_device_kind()
+        splash_fits = (layout is not None and layout.length % SPLASH_BLOCK == 0
+                       and not kind.startswith(NO_SPLASH_DEVICE_KINDS))
         return "splash" if splash_fits else "pallas_tpu"
     if platform in ("gpu", "cuda", "rocm"):
         return "pallas_gpu"
@@ -192,4 +209,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 
 __all__ = ["IMPLEMENTATIONS", "attention", "recording_impls", "reference_attention", "resolve_impl",
-           "target_platform", "tiled_attention"]
+           "target_device_kind", "target_platform", "tiled_attention"]
