@@ -276,13 +276,13 @@ def test_a_compile_error_is_a_record_naming_it():
 
 @needs_tpu_compiler
 def test_find_micro_batch_prints_the_largest_fitting_override(tmp_path):
-    # 16 rows over data x fsdp = 4: 1, 2 or 4 rows per chip; all fit a v5p chip, so the search
-    # ends at the largest, grad_accum 1 (doubling 1 -> 2, then one bisection step to 4)
-    result, report = compile_check([*SFT_TINY, "--config.train.grad_accum=4", "--find-micro-batch"],
-                                   tmp_path)
+    # 8 rows over data x fsdp = 4: 1 or 2 rows per chip; both fit a v5p chip, so the search
+    # ends at the largest, grad_accum 1 (doubling 1 -> 2)
+    result, report = compile_check([*SFT_TINY, "--config.train.global_batch=8",
+                                    "--config.train.grad_accum=2", "--find-micro-batch"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert report["search"] == {"overrides": ["--config.train.grad_accum=1"],
-                                "micro_rows_per_chip": 4, "grad_accum": 1}
+                                "micro_rows_per_chip": 2, "grad_accum": 1}
     assert "largest that fits with 10 % headroom: --config.train.grad_accum=1" in result.stdout
 
 
