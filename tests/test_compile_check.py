@@ -331,3 +331,22 @@ def test_dipo_memory_per_device_does_not_grow_with_the_devices(program):
         with jax.set_mesh(mesh):
             temps.append(compiled_program.lower().compile().memory_analysis().temp_size_in_bytes)
     assert temps[1] <= 1.02 * temps[0], temps
+
+
+@needs_tpu_compiler
+def test_splash_sft_compiles_at_one_sample_per_chip(tmp_path):
+    """One 2k-token sample per chip, head_dim 128: XLA:TPU aborted on the q/k projections fused
+    with the norm and Splash's heads-major transpose until the model kept them apart on TPU."""
+    config = tmp_path / "model" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(SDARConfig(
+        vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_hidden_layers=1,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=128, block_size=4,
+        mask_token_id=4000).to_hf_dict()))
+    result, report = compile_check(
+        ["--config", "configs/sft_sdar8b.py", "--model-config", str(config), "--topology", "v5p-8",
+         "--config.mesh.fsdp=4", "--config.train.grad_accum=128", "--config.data.max_length=2048"],
+        tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = by_program(report)["sft_train_step"]
+    assert record["attention_impl"] == "splash" and record["mosaic_calls"] >= 3

@@ -230,6 +230,25 @@ def test_memory_decreases_with_fsdp_and_remat():
     assert remat > 16384 * 4096 * 2 * 36
 
 
+def test_the_decode_loop_plans_a_compute_dtype_copy_of_the_weights():
+    """The compiled 8B chunk holds 15.6 GiB more than one forward on v5p-64 (docs/SCALING.md):
+    the bf16 weights XLA hoists out of the loop, planned beside the fp32 ones."""
+    from ml_collections import ConfigDict
+    c = mesh_plan.SDAR_MODELS["SDAR-8B"]
+    mesh = mesh_plan.MeshShape(4, 1, 1)
+
+    def planned(program: str, compute: str, param: str = "float32") -> float:
+        config = ConfigDict(dict(train=dict(param_dtype=param, compute_dtype=compute)))
+        return mesh_plan.rollout_bytes(program, c, config, mesh, slots=64, capacity=9220)
+
+    one_forward = planned("rollout_block_step", "bfloat16")
+    assert planned("rollout_chunk", "bfloat16") - one_forward == 2 * mesh_plan.parameter_count(c)
+    assert planned("rollout_chunk", "float32") == planned("rollout_block_step", "float32")
+    assert planned("rollout_chunk", "bfloat16", "bfloat16") == one_forward - 2 * mesh_plan.parameter_count(c)
+    # 16 of the 64 slots per chip: fp32 weights + their cache, 50.8 GiB (the compiler: 51.2)
+    assert one_forward / mesh_plan.GIB == pytest.approx(50.8, abs=0.1)
+
+
 def test_chosen_meshes_are_valid():
     workload = mesh_plan.Workload()
     plans = mesh_plan.plan_all(mesh_plan.SDAR_MODELS, mesh_plan.HARDWARE, workload)

@@ -99,6 +99,11 @@ class Attention(nnx.Module):
             q = constrain(self.q_proj(x_BTE).reshape(batch, length, self.num_heads, self.head_dim), q_axes)
             k = constrain(self.k_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim), kv_axes)
             v = constrain(self.v_proj(x_BTE).reshape(batch, length, self.num_kv_heads, self.head_dim), kv_axes)
+        if attention_lib.target_platform() == "tpu":
+            # the projections' outputs stand alone: fused with the q/k norm's fp32 convert and the
+            # heads-major transpose into Splash, XLA:TPU aborts (libtpu 0.0.50.1, one 8k-token
+            # SFT sample per chip: "TransformWindow: split of a padded window dim is not supported")
+            q, k, v = jax.lax.optimization_barrier((q, k, v))
         q, k = self.q_norm(q), self.k_norm(k)
         with jax.named_scope("rope"):
             return apply_rotary(q, *rope), apply_rotary(k, *rope), v

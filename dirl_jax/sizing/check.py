@@ -229,8 +229,8 @@ def planned_bytes(config: ConfigDict, model_config: SDARConfig, record: Record) 
     """The arithmetic planner's peak bytes per chip for a compiled program (None: not planned)."""
     mesh = plan_lib.MeshShape(*(record.mesh.get(a, 1) for a in mesh_lib.AXES))
     if record.engine:
-        return plan_lib.rollout_bytes(model_config, config, mesh, record.engine["slots"],
-                                      record.engine["capacity"])
+        return plan_lib.rollout_bytes(record.program, model_config, config, mesh,
+                                      record.engine["slots"], record.engine["capacity"])
     if record.program == "sft_train_step":
         t = config.train
         workload = plan_lib.Workload(seq_len=config.data.max_length, global_batch=t.global_batch,

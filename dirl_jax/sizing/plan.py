@@ -357,12 +357,19 @@ def dipo_program_bytes(program: str, c: SDARConfig, config: Any, mesh: MeshShape
     return None
 
 
-def rollout_bytes(c: SDARConfig, config: Any, mesh: MeshShape, slots: int, capacity: int) -> float:
-    """Planned peak bytes per device of the rollout engine's programs: its parameters (in
+def rollout_bytes(program: str, c: SDARConfig, config: Any, mesh: MeshShape, slots: int,
+                  capacity: int) -> float:
+    """Planned peak bytes per device of the rollout engine's ``program``: its parameters (in
     ``train.param_dtype``, sharded over ``fsdp x tensor`` of the engine's mesh) and the KV cache
-    of its slots (rows over ``data x fsdp``)."""
-    param_bytes = 4 if config.train.param_dtype == "float32" else 2
-    return (param_bytes * parameter_count(c) / (mesh.fsdp * mesh.tensor)
+    of its slots (rows over ``data x fsdp``). In ``rollout_chunk`` (the decode ``while_loop``)
+    XLA hoists the loop-invariant cast of every weight to ``train.compute_dtype`` out of the
+    loop, so a compute-dtype copy of the parameters lives beside them for the whole chunk (8B:
+    15.3 GiB of bf16 beside the fp32 weights); one forward casts each weight where it is used."""
+    t = config.train
+    param_bytes = 4 if t.param_dtype == "float32" else 2
+    compute_bytes = 4 if t.compute_dtype == "float32" else 2
+    hoisted = compute_bytes if program == "rollout_chunk" and compute_bytes != param_bytes else 0
+    return ((param_bytes + hoisted) * parameter_count(c) / (mesh.fsdp * mesh.tensor)
             + kv_cache_bytes(c, slots / (mesh.data * mesh.fsdp), capacity, mesh.tensor))
 
 
