@@ -314,6 +314,11 @@ def markdown_table(plans: list[Plan]) -> str:
 
 
 # ----------------------------------------------------------------------------- DiPO programs
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a config's ``float32`` / ``bfloat16`` dtype field."""
+    return 4 if name == "float32" else 2
+
+
 def dipo_program_bytes(program: str, c: SDARConfig, config: Any, mesh: MeshShape) -> float | None:
     """Planned peak bytes per device of a DiPO program (``config``: the run config; None for a
     program not planned). Parameters are in ``train.param_dtype`` (fp32: 4 B), sharded over
@@ -333,7 +338,7 @@ def dipo_program_bytes(program: str, c: SDARConfig, config: Any, mesh: MeshShape
     """
     t = config.train
     params = parameter_count(c)
-    param_bytes = 4 if t.param_dtype == "float32" else 2
+    param_bytes = dtype_bytes(t.param_dtype)
     sharded = mesh.fsdp * mesh.tensor
     gathered = (2 * layer_params(c) + c.vocab_size * c.hidden_size) * BF16_BYTES / mesh.tensor
     rows = t.canvas_rows / (mesh.data * mesh.fsdp)
@@ -366,8 +371,7 @@ def rollout_bytes(program: str, c: SDARConfig, config: Any, mesh: MeshShape, slo
     loop, so a compute-dtype copy of the parameters lives beside them for the whole chunk (8B:
     15.3 GiB of bf16 beside the fp32 weights); one forward casts each weight where it is used."""
     t = config.train
-    param_bytes = 4 if t.param_dtype == "float32" else 2
-    compute_bytes = 4 if t.compute_dtype == "float32" else 2
+    param_bytes, compute_bytes = dtype_bytes(t.param_dtype), dtype_bytes(t.compute_dtype)
     hoisted = compute_bytes if program == "rollout_chunk" and compute_bytes != param_bytes else 0
     return ((param_bytes + hoisted) * parameter_count(c) / (mesh.fsdp * mesh.tensor)
             + kv_cache_bytes(c, slots / (mesh.data * mesh.fsdp), capacity, mesh.tensor))
